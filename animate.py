@@ -1,0 +1,154 @@
+"""Animate a source portrait with a driving video; a Python API and the ``--mode animate`` entry.
+
+    from animate import animate
+    animate(model, "face.png", "driving.mp4", "out.mp4", relative=True)
+
+Relative motion (FOMM; SAFA appendix B) transfers the motion between a reference driving frame and
+each driving frame onto the source. The reference is frame 0, ``best_frame``, or, with
+``find_best_frame``, the driving frame whose pose is closest to the source's (normalized face
+landmarks when a landmark detector is available, otherwise the model's own pose descriptor).
+
+Streaming: since every output frame depends only on the source, the reference frame and its own
+driving frame, one pass finds the reference (keeping only small descriptors) and a second pass
+generates frames in order, reading and writing one batch at a time. This equals FOMM's
+"forward and backward from the best frame" without holding the video in memory. The output has the
+driving video's frame count and fps, and its audio track when it has one.
+"""
+import os
+import tempfile
+
+import torch
+from tqdm import tqdm
+
+from datasets.frames_dataset import image_to_tensor
+from datasets.video_io import VideoReader, VideoWriter, copy_audio, read_image, video_stem
+from logger import to_uint8_image
+from modules.model_base import expand_state
+from reconstruction import batched, load_model_for_inference
+
+
+def model_frame_size(model, config=None):
+    shape = (config or model.config)["dataset_params"]["frame_shape"]
+    return tuple(shape[:2])
+
+
+@torch.no_grad()
+def find_reference_frame(model, source_state, reader, device, batch_size=8):
+    """Index of the driving frame whose pose descriptor is closest to the source's."""
+    target = model.pose_descriptor(source_state)
+    best, best_distance = 0, float("inf")
+    for start, chunk in _indexed_batches(reader, batch_size):
+        driving = torch.stack([image_to_tensor(f) for f in chunk]).to(device)
+        descriptor = model.pose_descriptor(model.encode_driving(driving))
+        distance = ((descriptor - target) ** 2).sum(dim=1)
+        value, position = distance.min(dim=0)
+        if float(value) < best_distance:
+            best, best_distance = start + int(position), float(value)
+    return best
+
+
+def _indexed_batches(reader, batch_size):
+    start = 0
+    for chunk in batched(iter(reader), batch_size):
+        yield start, chunk
+        start += len(chunk)
+
+
+@torch.no_grad()
+def animate(model, source_image, driving_video, output_path, relative=True, adapt_scale=False,
+            best_frame=None, find_best_frame=False, device=None, batch_size=8, default_fps=25.0,
+            progress=True):
+    """Write ``output_path``; returns a dict with frame count, fps, reference frame and audio flag.
+
+    ``source_image`` is a path or an H x W x C uint8 array (any size; gray/RGBA converted).
+    """
+    device = device or next(model.parameters()).device
+    model.eval()
+    size = model_frame_size(model)
+    if isinstance(source_image, str):
+        source_array = read_image(source_image, size)
+    else:
+        from datasets.video_io import to_rgb_uint8
+        source_array = to_rgb_uint8(source_image, "source image", size)
+    source = image_to_tensor(source_array)[None].to(device)
+    source_state = model.encode_source(source)
+    reader = VideoReader(driving_video, size)
+    total = len(reader)
+    if best_frame is not None:
+        if not 0 <= best_frame < total:
+            raise ValueError(f"--best_frame {best_frame} is outside the driving video "
+                             f"{driving_video} (frames 0..{total - 1})")
+        reference_index = best_frame
+    elif find_best_frame and relative:
+        reference_index = find_reference_frame(model, source_state, reader, device, batch_size)
+    else:
+        reference_index = 0
+    reference_state = None
+    if relative:
+        reference = image_to_tensor(reader[reference_index])[None].to(device)
+        reference_state = model.encode_driving(reference)
+    out_fps = reader.fps or default_fps  # frame folders and stacked images have no fps
+    folder = os.path.dirname(os.path.abspath(output_path))
+    os.makedirs(folder, exist_ok=True)
+    handle, silent_path = tempfile.mkstemp(suffix=os.path.splitext(output_path)[1] or ".mp4",
+                                           dir=folder)
+    os.close(handle)
+    written = 0
+    try:
+        with VideoWriter(silent_path, out_fps) as writer:
+            bar = tqdm(total=total, desc="animate", disable=not progress)
+            for chunk in batched(iter(reader), batch_size):
+                driving = torch.stack([image_to_tensor(f) for f in chunk]).to(device)
+                n = len(chunk)
+                out = model.generate(expand_state(source_state, n), model.encode_driving(driving),
+                                     expand_state(reference_state, n), relative=relative,
+                                     adapt_scale=adapt_scale)
+                for image in out["prediction"]:
+                    writer.write(to_uint8_image(image))
+                written += n
+                bar.update(n)
+            bar.close()
+        audio = copy_audio(silent_path, driving_video, output_path)
+    finally:
+        reader.close()
+        if os.path.exists(silent_path):
+            os.remove(silent_path)
+    return {"frames": written, "fps": out_fps, "reference_frame": reference_index, "audio": audio,
+            "path": output_path}
+
+
+def run_animate(args, config, device):
+    """``--mode animate``: one source/driving pair from the command line, or the dataset's pairs."""
+    from datasets.frames_dataset import PairedDataset, build_dataset
+    params = config["animate_params"]
+    relative = params["relative"] and not args.absolute
+    adapt = params["adapt_movement_scale"] or args.adapt_scale
+    find_best = params["find_best_frame"] or args.find_best_frame
+    model = load_model_for_inference(config, args.checkpoint, device)
+    out_dir = os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "animation")
+    if args.source_image or args.driving_video:
+        if not (args.source_image and args.driving_video):
+            raise ValueError("animate needs both --source_image and --driving_video (or neither, "
+                             "to animate the test set's pairs)")
+        result = args.result_video or os.path.join(out_dir, "result.mp4")
+        info = animate(model, args.source_image, args.driving_video, result, relative, adapt,
+                       args.best_frame, find_best, device, params["batch_size"], params["fps"])
+        print(f"animate: {info['frames']} frames at {info['fps']:.2f} fps (reference frame "
+              f"{info['reference_frame']}, audio {'kept' if info['audio'] else 'none'}) -> {result}")
+        return [info]
+    dataset = build_dataset(config, is_train=False)
+    pairs = PairedDataset(dataset, params["num_pairs"], seed=args.seed,
+                          pairs_list=config["dataset_params"]["pairs_list"])
+    results = []
+    for i in tqdm(range(len(pairs)), desc="pairs"):
+        pair = pairs[i]
+        source_reader = VideoReader(pair["source_video"], model_frame_size(model, config))
+        source_frame = source_reader[0]
+        source_reader.close()
+        name = f"{video_stem(pair['source_video'])}-{video_stem(pair['driving_video'])}"
+        results.append(animate(model, source_frame, pair["driving_video"],
+                               os.path.join(out_dir, name + params["format"]), relative, adapt,
+                               args.best_frame, find_best, device, params["batch_size"],
+                               default_fps=params["fps"], progress=False))
+    print(f"animate: {len(results)} pairs -> {out_dir}")
+    return results

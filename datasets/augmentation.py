@@ -1,0 +1,94 @@
+"""Augmentation of a (source, driving) frame pair that keeps sidecar annotations consistent.
+
+A horizontal flip mirrors the frames, mirrors landmark x coordinates AND swaps the left/right
+landmark indices of the 68-point scheme (a mirrored right eye corner is a left eye corner); FLAME
+codes are mirrored approximately (rotations and x translation; shape and expression coefficients
+are kept, since FLAME's bases are not exactly symmetric). The same random parameters apply to
+both frames of the pair, as they come from one video.
+"""
+import numpy as np
+from skimage.color import hsv2rgb, rgb2hsv
+
+
+def _mirror_pairs():
+    """Index pairs (i, j) of the iBUG 68-point scheme that swap under a horizontal flip."""
+    pairs = [(i, 16 - i) for i in range(8)]                         # jaw contour 0-16
+    pairs += [(17 + i, 26 - i) for i in range(5)]                   # brows 17-21 <-> 26-22
+    pairs += [(31, 35), (32, 34)]                                   # nostrils
+    pairs += [(36, 45), (37, 44), (38, 43), (39, 42), (40, 47), (41, 46)]  # eyes
+    pairs += [(48, 54), (49, 53), (50, 52), (55, 59), (56, 58)]     # outer lip
+    pairs += [(60, 64), (61, 63), (65, 67)]                         # inner lip
+    return pairs
+
+
+def landmark_flip_permutation():
+    perm = np.arange(68)
+    for i, j in _mirror_pairs():
+        perm[i], perm[j] = j, i
+    return perm
+
+
+LANDMARK_FLIP = landmark_flip_permutation()
+
+
+def flip_landmarks(points, width):
+    """Mirror 68 x 2 pixel landmarks of a frame ``width`` pixels wide and relabel left/right."""
+    flipped = np.array(points, dtype=np.float32, copy=True)
+    flipped[:, 0] = (width - 1) - flipped[:, 0]
+    return flipped[LANDMARK_FLIP]
+
+
+def flip_flame(codes):
+    """Approximate mirror of FLAME codes: axis-angle (wx, wy, wz) -> (wx, -wy, -wz), tx -> -tx."""
+    out = {k: np.array(v, copy=True) for k, v in codes.items()}
+    pose = out["pose"].reshape(-1, 3)
+    pose[:, 1:] *= -1.0
+    out["pose"] = pose.reshape(out["pose"].shape)
+    out["cam"][1] *= -1.0  # cam = (scale, tx, ty)
+    return out
+
+
+def _jitter(frames, params, rng):
+    """Colour jitter (brightness, contrast, saturation, hue), one draw for the whole pair."""
+    brightness = 1.0 + rng.uniform(-params["brightness"], params["brightness"])
+    contrast = 1.0 + rng.uniform(-params["contrast"], params["contrast"])
+    saturation = 1.0 + rng.uniform(-params["saturation"], params["saturation"])
+    hue = rng.uniform(-params["hue"], params["hue"])
+    out = []
+    for frame in frames:
+        x = frame.astype(np.float32) / 255.0 * brightness
+        mean = x.mean()
+        x = (x - mean) * contrast + mean
+        gray = x @ np.array([0.299, 0.587, 0.114], np.float32)
+        x = (x - gray[..., None]) * saturation + gray[..., None]
+        if hue:
+            x = _shift_hue(np.clip(x, 0, 1), hue)
+        out.append((np.clip(x, 0.0, 1.0) * 255.0).round().astype(np.uint8))
+    return out
+
+
+def _shift_hue(x, shift):
+    hsv = rgb2hsv(x)
+    hsv[..., 0] = (hsv[..., 0] + shift) % 1.0
+    return hsv2rgb(hsv).astype(np.float32)
+
+
+def augment_pair(frames, landmarks, flame, params, rng):
+    """Apply the config's ``augmentation_params`` to a frame pair and its annotations."""
+    flip = params.get("flip_param") or {}
+    if flip.get("time_flip") and rng.rand() < 0.5:
+        frames = frames[::-1]
+        landmarks = landmarks[::-1] if landmarks is not None else None
+        flame = flame[::-1] if flame is not None else None
+    if flip.get("horizontal_flip") and rng.rand() < 0.5:
+        width = frames[0].shape[1]
+        frames = [np.ascontiguousarray(f[:, ::-1]) for f in frames]
+        if landmarks is not None:
+            landmarks = [flip_landmarks(p, width) for p in landmarks]
+        if flame is not None:
+            flame = [flip_flame(c) for c in flame]
+    jitter = params.get("jitter_param")
+    if jitter and any(jitter.values()):
+        frames = _jitter(list(frames), jitter, rng)
+    return list(frames), (list(landmarks) if landmarks is not None else None), \
+        (list(flame) if flame is not None else None)

@@ -1,0 +1,267 @@
+"""FOMM-compatible video datasets: listing, splitting, identity sampling, pairs, sidecars, augmentation.
+
+A dataset root holds one entry per video (frame folder, stacked-frames image or video file), either
+in ``train/`` and ``test/`` subfolders or in one folder split by a seed. Optional sidecars sit next to
+each video with the same stem: ``<stem>.landmarks.npy`` (T x 68 x 2 float pixel coordinates, NaN rows
+for frames without a face) and ``<stem>.flame.npz`` (arrays shape, exp, pose, cam, each T x n).
+"""
+import csv
+import os
+from collections import defaultdict
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from datasets.augmentation import augment_pair
+from datasets.video_io import VideoReader, VideoReadError, is_video_entry, video_stem
+from modules.coords import pixels_to_normalized
+
+SIDECAR_SUFFIXES = (".landmarks.npy", ".flame.npz")
+FLAME_KEYS = ("shape", "exp", "pose", "cam")
+
+
+def list_videos(folder):
+    """Sorted paths of the video entries in ``folder`` (sidecars and stray files skipped)."""
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"dataset folder not found: {folder}")
+    entries = []
+    for name in sorted(os.listdir(folder)):
+        if name.startswith(".") or name.endswith(SIDECAR_SUFFIXES):
+            continue
+        path = os.path.join(folder, name)
+        if is_video_entry(path):
+            entries.append(path)
+    return entries
+
+
+def identity_of(path):
+    """The identity part of an ``id#video#clip`` name, with a clear error when the name lacks it."""
+    stem = video_stem(path)
+    if "#" not in stem:
+        raise ValueError(f"video {stem!r} ({path}) does not follow the 'id#video#clip' naming that "
+                         "dataset_params.id_sampling needs; rename the videos (e.g. "
+                         "'id10001#abc#001.mp4') or set id_sampling: false")
+    return stem.split("#", 1)[0]
+
+
+def split_videos(root_dir, is_train, split_seed=0, test_fraction=0.2, by_identity=False):
+    """Videos of one split: ``root/train`` and ``root/test`` if present, else a seeded split."""
+    train_dir, test_dir = os.path.join(root_dir, "train"), os.path.join(root_dir, "test")
+    if os.path.isdir(train_dir) and os.path.isdir(test_dir):
+        videos = list_videos(train_dir if is_train else test_dir)
+    else:
+        videos = list_videos(root_dir)
+        # split over identities when sampling by identity, so no identity is in both splits
+        keys = sorted({identity_of(v) for v in videos}) if by_identity else videos
+        order = np.random.RandomState(split_seed).permutation(len(keys))
+        n_test = max(1, int(round(len(keys) * test_fraction))) if len(keys) > 1 else 0
+        test_keys = {keys[i] for i in order[:n_test]}
+        in_test = (lambda v: identity_of(v) in test_keys) if by_identity else (lambda v: v in test_keys)
+        videos = [v for v in videos if in_test(v) != is_train]
+    if not videos:
+        raise ValueError(f"dataset {root_dir} has no videos for the {'train' if is_train else 'test'}"
+                         " split; put frame folders or video files in train/ and test/ (see README)")
+    return videos
+
+
+def load_sidecars(video_path, load_landmarks, load_flame):
+    """Per-video annotation arrays (numpy, no pickles) or an error naming the missing file."""
+    folder, stem = os.path.dirname(os.path.normpath(video_path)), video_stem(video_path)
+    out = {}
+    if load_landmarks:
+        path = os.path.join(folder, stem + ".landmarks.npy")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"landmark sidecar missing: {path} (dataset_params.load_landmarks"
+                                    " is on; extract it with tools/extract_landmarks.py)")
+        out["landmarks"] = np.load(path, allow_pickle=False, mmap_mode="r")
+    if load_flame:
+        path = os.path.join(folder, stem + ".flame.npz")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"FLAME sidecar missing: {path} (dataset_params.load_flame is on)")
+        with np.load(path, allow_pickle=False) as data:
+            missing = [k for k in FLAME_KEYS if k not in data]
+            if missing:
+                raise ValueError(f"{path}: FLAME sidecar lacks arrays {missing}")
+            out["flame"] = {k: np.asarray(data[k], dtype=np.float32) for k in FLAME_KEYS}
+    return out
+
+
+def image_to_tensor(frame):
+    """H x W x 3 uint8 -> 3 x H x W float in [0, 1]."""
+    return torch.tensor(frame).permute(2, 0, 1).float().div_(255.0)
+
+
+class FramesDataset(Dataset):
+    """Pairs of frames of one video (training) or whole videos streamed by index (testing).
+
+    Training items are drawn with a per-item seed, so a given (index, seed) always yields the same
+    pair: an index may be an int or an ``(index, seed)`` tuple from ``ResumableSampler``.
+    """
+
+    def __init__(self, root_dir, frame_shape=(256, 256, 3), id_sampling=False, is_train=True,
+                 split_seed=0, test_fraction=0.2, on_mismatch="convert", load_landmarks=False,
+                 load_flame=False, augmentation_params=None, pairs_list=None, synthetic=None):
+        self.root_dir = root_dir
+        self.frame_size = tuple(frame_shape[:2])
+        self.is_train = is_train
+        self.id_sampling = id_sampling
+        self.on_mismatch = on_mismatch
+        self.load_landmarks, self.load_flame = load_landmarks, load_flame
+        self.augmentation_params = augmentation_params if is_train else None
+        self.pairs_list = pairs_list
+        self.videos = split_videos(root_dir, is_train, split_seed, test_fraction,
+                                   by_identity=id_sampling)
+        if id_sampling:
+            groups = defaultdict(list)
+            for video in self.videos:
+                groups[identity_of(video)].append(video)
+            self.identities = sorted(groups)
+            self.videos_of = dict(groups)
+
+    @classmethod
+    def from_config(cls, dataset_params, is_train):
+        params = dict(dataset_params)
+        return cls(is_train=is_train, **params)
+
+    def __len__(self):
+        return len(self.identities) if self.id_sampling and self.is_train else len(self.videos)
+
+    def video_path(self, index):
+        return self.videos[index]
+
+    def reader(self, index):
+        return VideoReader(self.videos[index], self.frame_size, self.on_mismatch)
+
+    def _pick_video(self, index, rng):
+        if self.id_sampling and self.is_train:
+            return self.videos_of[self.identities[index]][rng.randint(
+                len(self.videos_of[self.identities[index]]))]
+        return self.videos[index]
+
+    def __getitem__(self, item):
+        index, seed = item if isinstance(item, tuple) else (item, None)
+        rng = np.random.RandomState(seed) if seed is not None else np.random.RandomState()
+        path = self._pick_video(index, rng)
+        return self.sample_pair(path, rng)
+
+    def sample_pair(self, path, rng, frame_indices=None):
+        reader = VideoReader(path, self.frame_size, self.on_mismatch)
+        try:
+            if len(reader) < 2:
+                raise VideoReadError(f"{path}: video has {len(reader)} frame(s); training pairs need "
+                                     "at least 2 - remove it from the dataset")
+            if frame_indices is None:
+                frame_indices = np.sort(rng.choice(len(reader), size=2, replace=False))
+            frames = [reader[int(i)] for i in frame_indices]
+            original_size = reader.last_raw_size
+        finally:
+            reader.close()
+        sidecars = load_sidecars(path, self.load_landmarks, self.load_flame)
+        landmarks = flame = None
+        if "landmarks" in sidecars:
+            landmarks = [self._landmarks_for(sidecars["landmarks"], int(i), path, original_size)
+                         for i in frame_indices]
+        if "flame" in sidecars:
+            flame = [{k: v[int(i)] for k, v in sidecars["flame"].items()} for i in frame_indices]
+        if self.augmentation_params:
+            frames, landmarks, flame = augment_pair(frames, landmarks, flame,
+                                                    self.augmentation_params, rng)
+        return self._to_item(path, frames, landmarks, flame)
+
+    def _landmarks_for(self, landmarks, index, path, original_size):
+        if index >= len(landmarks):
+            raise ValueError(f"{path}: landmark sidecar has {len(landmarks)} frames but the video "
+                             f"has at least {index + 1}")
+        points = np.array(landmarks[index], dtype=np.float32)
+        scale = (np.array(self.frame_size[::-1], np.float32) - 1) / (
+            np.array(original_size[::-1], np.float32) - 1)
+        return points * scale  # pixel coordinates of the (possibly resized) frame
+
+    def _to_item(self, path, frames, landmarks, flame):
+        item = {"name": video_stem(path),
+                "source": image_to_tensor(frames[0]), "driving": image_to_tensor(frames[1])}
+        height, width = self.frame_size
+        if landmarks is not None:
+            item["source_landmarks"] = torch.from_numpy(
+                pixels_to_normalized(landmarks[0], height, width).astype(np.float32))
+            item["driving_landmarks"] = torch.from_numpy(
+                pixels_to_normalized(landmarks[1], height, width).astype(np.float32))
+        if flame is not None:
+            item["source_flame"] = {k: torch.from_numpy(v) for k, v in flame[0].items()}
+            item["driving_flame"] = {k: torch.from_numpy(v) for k, v in flame[1].items()}
+        return item
+
+
+class DatasetRepeater(Dataset):
+    """Repeats a dataset ``num_repeats`` times per epoch (FOMM's way to make epochs longer)."""
+
+    def __init__(self, dataset, num_repeats=1):
+        self.dataset, self.num_repeats = dataset, num_repeats
+
+    def __len__(self):
+        return self.num_repeats * len(self.dataset)
+
+    def __getitem__(self, item):
+        index, seed = item if isinstance(item, tuple) else (item, None)
+        index = index % len(self.dataset)
+        return self.dataset[(index, seed) if seed is not None else index]
+
+
+class PairedDataset(Dataset):
+    """(source video, driving video) pairs: from a CSV with columns ``source,driving`` (video names,
+    no extension) or ``number_of_pairs`` seeded random pairs (of different identities when the names
+    allow it)."""
+
+    def __init__(self, dataset, number_of_pairs, seed=0, pairs_list=None):
+        self.dataset = dataset
+        names = [video_stem(v) for v in dataset.videos]
+        if pairs_list:
+            self.pairs = self._read_csv(pairs_list, names)
+        else:
+            rng = np.random.RandomState(seed)
+            n = len(names)
+            all_pairs = [(i, j) for i in range(n) for j in range(n) if i != j] or [(0, 0)]
+            if all("#" in name for name in names):
+                cross = [(i, j) for i, j in all_pairs
+                         if names[i].split("#")[0] != names[j].split("#")[0]]
+                all_pairs = cross or all_pairs
+            order = rng.permutation(len(all_pairs))[:number_of_pairs]
+            self.pairs = [all_pairs[k] for k in sorted(order)]
+
+    @staticmethod
+    def _read_csv(path, names):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"pairs list not found: {path} (dataset_params.pairs_list)")
+        index = {name: i for i, name in enumerate(names)}
+        pairs = []
+        with open(path, newline="", encoding="utf-8") as handle:
+            reader = csv.DictReader(handle)
+            if not reader.fieldnames or not {"source", "driving"} <= set(reader.fieldnames):
+                raise ValueError(f"{path}: pairs CSV needs a header with columns 'source,driving'")
+            for line, row in enumerate(reader, start=2):
+                for key in ("source", "driving"):
+                    name = video_stem(row[key].strip())
+                    if name not in index:
+                        raise ValueError(f"{path}:{line}: {key} video {name!r} is not in the dataset")
+                pairs.append((index[video_stem(row['source'].strip())],
+                              index[video_stem(row['driving'].strip())]))
+        return pairs
+
+    def __len__(self):
+        return len(self.pairs)
+
+    def __getitem__(self, i):
+        source, driving = self.pairs[i]
+        return {"source_video": self.dataset.videos[source],
+                "driving_video": self.dataset.videos[driving]}
+
+
+def build_dataset(config, is_train):
+    """The config's dataset, generating the synthetic default first when asked to."""
+    params = dict(config["dataset_params"])
+    synthetic = params.get("synthetic")
+    if synthetic and not os.path.isdir(params["root_dir"]):
+        from datasets.synthetic import ensure_synthetic_dataset
+        ensure_synthetic_dataset(params["root_dir"], **synthetic)
+    return FramesDataset.from_config(params, is_train)

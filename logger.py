@@ -1,0 +1,171 @@
+"""Run directory, text and tensorboard logs, PNG visual grids and atomic checkpoints.
+
+Only rank 0 of a distributed run writes (``Logger(..., enabled=False)`` on the other ranks).
+"""
+import colorsys
+import datetime
+import os
+import tempfile
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from config import dump_config
+
+CHECKPOINT_LATEST = "checkpoint_latest.pth"
+
+
+def make_log_dir(root, config_path):
+    """``root/<config name> <timestamp>`` (FOMM's habit), created."""
+    name = os.path.splitext(os.path.basename(config_path))[0]
+    stamp = datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    path = os.path.join(root, f"{name}_{stamp}")
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+def save_checkpoint_atomic(state, path):
+    """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``.
+
+    A kill at any moment leaves either the previous checkpoint or the new one, never half a file.
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".pth", dir=folder)
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            torch.save(state, stream)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def load_checkpoint(path, map_location="cpu"):
+    """Load a checkpoint written by this framework (plain tensors and Python data only)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:
+        raise RuntimeError(f"cannot load checkpoint {path}: {error}. Checkpoints are .pth files "
+                           "written by train.py (they are not archives); a truncated file means "
+                           "the copy is incomplete") from None
+
+
+class Logger:
+    def __init__(self, log_dir, config=None, enabled=True, visualizer_params=None):
+        self.log_dir = log_dir
+        self.enabled = enabled
+        self.visualizer_params = visualizer_params or {}
+        self._writer = None
+        if not enabled:
+            return
+        os.makedirs(os.path.join(log_dir, "visuals"), exist_ok=True)
+        if config is not None:
+            dump_config(config, os.path.join(log_dir, "config.yaml"))
+        self._log_file = open(os.path.join(log_dir, "log.txt"), "a", encoding="utf-8")
+
+    @property
+    def writer(self):
+        if self._writer is None and self.enabled:
+            from torch.utils.tensorboard import SummaryWriter
+            self._writer = SummaryWriter(os.path.join(self.log_dir, "tensorboard"))
+        return self._writer
+
+    def log_scalars(self, step, scalars, prefix="train"):
+        if not self.enabled:
+            return
+        for name, value in scalars.items():
+            self.writer.add_scalar(f"{prefix}/{name}", value, step)
+
+    def log_epoch(self, epoch, mean_losses):
+        """One line of mean losses per epoch in ``log.txt`` (and tensorboard)."""
+        if not self.enabled:
+            return
+        text = " | ".join(f"{name} {value:.5f}" for name, value in sorted(mean_losses.items()))
+        self._log_file.write(f"epoch {epoch:04d} | {text}\n")
+        self._log_file.flush()
+        self.log_scalars(epoch, mean_losses, prefix="epoch")
+
+    def log_text(self, line):
+        if self.enabled:
+            self._log_file.write(line.rstrip("\n") + "\n")
+            self._log_file.flush()
+
+    def save_visuals(self, name, columns):
+        """A PNG grid: one column per ``(title, B x 3 x H x W tensor)``, one row per sample."""
+        if not self.enabled:
+            return None
+        grid = make_grid(columns)
+        path = os.path.join(self.log_dir, "visuals", f"{name}.png")
+        Image.fromarray(grid).save(path)
+        return path
+
+    def save_checkpoint(self, state, name=CHECKPOINT_LATEST):
+        if not self.enabled:
+            return None
+        path = os.path.join(self.log_dir, name)
+        save_checkpoint_atomic(state, path)
+        return path
+
+    def close(self):
+        if self.enabled:
+            self._log_file.close()
+            if self._writer is not None:
+                self._writer.close()
+
+
+def to_uint8_image(tensor):
+    """3 x H x W (or 1 x H x W) float in [0, 1] -> H x W x 3 uint8."""
+    array = tensor.detach().float().clamp(0, 1).cpu().numpy()
+    if array.shape[0] == 1:
+        array = np.repeat(array, 3, axis=0)
+    return (array.transpose(1, 2, 0) * 255.0).round().astype(np.uint8)
+
+
+def make_grid(columns, max_rows=8, title_height=12):
+    """Lay ``[(title, B x C x H x W)]`` out as columns, every image resized to the first's size."""
+    if not columns:
+        raise ValueError("make_grid needs at least one column")
+    height, width = columns[0][1].shape[-2:]
+    rows = min(max_rows, columns[0][1].shape[0])
+    canvas = np.full((title_height + rows * height, len(columns) * width, 3), 255, np.uint8)
+    for c, (title, images) in enumerate(columns):
+        images = images.detach().float()
+        if images.shape[-2:] != (height, width):
+            images = torch.nn.functional.interpolate(images, size=(height, width), mode="bilinear",
+                                                     align_corners=False)
+        for r in range(min(rows, images.shape[0])):
+            canvas[title_height + r * height:title_height + (r + 1) * height,
+                   c * width:(c + 1) * width] = to_uint8_image(images[r])
+    image = Image.fromarray(canvas)
+    draw = ImageDraw.Draw(image)
+    for c, (title, _) in enumerate(columns):
+        draw.text((c * width + 2, 0), str(title)[: max(1, width // 6)], fill=(0, 0, 0))
+    return np.asarray(image)
+
+
+def point_colors(count):
+    """``count`` distinct RGB colours in [0, 1] around the hue circle (a rainbow colormap)."""
+    return np.array([colorsys.hsv_to_rgb(0.85 * i / max(1, count - 1), 1.0, 1.0)
+                     for i in range(count)], np.float32)
+
+
+def draw_points(images, points, radius=2):
+    """Copy of ``images`` (B x 3 x H x W) with points (B x K x 2, normalized) drawn as coloured dots."""
+    out = images.detach().float().clone().cpu()
+    height, width = out.shape[-2:]
+    colors = point_colors(points.shape[1])
+    pixels = ((points.detach().float().cpu() + 1) / 2 * torch.tensor([width - 1, height - 1])).round()
+    yy, xx = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
+    for b in range(out.shape[0]):
+        for k in range(points.shape[1]):
+            x, y = pixels[b, k].tolist()
+            disk = (xx - x) ** 2 + (yy - y) ** 2 <= radius ** 2
+            out[b][:, disk] = torch.tensor(colors[k], dtype=out.dtype)[:, None]
+    return out

@@ -1,0 +1,54 @@
+"""Shared fixtures: tiny video datasets written in temporary folders in every supported layout."""
+import os
+
+import imageio.v2 as imageio
+import numpy as np
+import pytest
+
+
+def moving_square_frames(num_frames=6, size=32, channels=3, seed=0):
+    """Frames of a bright square moving over a textured background (uint8, T x H x W x C)."""
+    rng = np.random.RandomState(seed)
+    ramp = np.linspace(0, 1, size)
+    colour = rng.uniform(20, 90, size=channels)
+    # smooth background, so lossy codecs keep it close to the original
+    background = (colour * (0.5 + 0.5 * np.add.outer(ramp, ramp)[..., None] / 2)).astype(np.uint8)
+    frames = []
+    for t in range(num_frames):
+        frame = background.copy()
+        x = 2 + (t * 3) % (size - 10)
+        frame[8:16, x:x + 8] = 230
+        frames.append(frame)
+    return np.stack(frames)
+
+
+def write_video(path, frames, fps=10):
+    """Write frames in the layout the path implies: folder, stacked image, or video file."""
+    if path.endswith((".png", ".jpg")):
+        imageio.imwrite(path, np.concatenate(list(frames), axis=1))
+    elif path.endswith((".mp4", ".mov")):
+        writer = imageio.get_writer(path, fps=fps, codec="libx264", macro_block_size=1,
+                                    ffmpeg_log_level="error")
+        for f in frames:
+            writer.append_data(f)
+        writer.close()
+    elif path.endswith(".gif"):
+        imageio.mimsave(path, list(frames), duration=1000 / fps)
+    else:
+        os.makedirs(path, exist_ok=True)
+        for i, f in enumerate(frames):
+            imageio.imwrite(os.path.join(path, f"{i:07d}.png"), f)
+    return path
+
+
+@pytest.fixture
+def tiny_dataset(tmp_path):
+    """A FOMM-layout dataset with train/ and test/ videos of several identities, 32x32."""
+    root = tmp_path / "data"
+    for split, ids in (("train", ["id001", "id002", "id003"]), ("test", ["id004"])):
+        (root / split).mkdir(parents=True)
+        for i, identity in enumerate(ids):
+            for clip in range(2):
+                name = f"{identity}#vid{clip}#000"
+                write_video(str(root / split / name), moving_square_frames(6, 32, seed=i * 7 + clip))
+    return str(root)
