@@ -143,6 +143,8 @@ def make_grid(columns, max_rows=8, title_height=12):
         for r in range(min(rows, images.shape[0])):
             canvas[title_height + r * height:title_height + (r + 1) * height,
                    c * width:(c + 1) * width] = to_uint8_image(images[r])
+    if not title_height:
+        return canvas
     image = Image.fromarray(canvas)
     draw = ImageDraw.Draw(image)
     for c, (title, _) in enumerate(columns):
