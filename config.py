@@ -52,6 +52,7 @@ BASE_DEFAULTS = {
         "epoch_milestones": [60, 90],
         "lr_decay": 0.1,
         "adam_betas": [0.5, 0.999],
+        # Global batch over all processes (each of N processes loads batch_size / N).
         "batch_size": 40,
         "num_workers": 4,
         # Keep a copy of the checkpoint every this many epochs (the latest is always kept).

@@ -136,11 +136,16 @@ def train(config, model, dataset, log_dir, checkpoint_path=None, device="cpu", r
             find_unused_parameters=True, broadcast_buffers=False)
 
     repeated = DatasetRepeater(dataset, train_params["num_repeats"])
-    batch_size = train_params["batch_size"]
-    if len(repeated) < batch_size * world_size:
+    # train_params.batch_size is the global batch (as FOMM's DataParallel split it), shared by the
+    # processes, so a config means the same optimization on 1 or 8 GPUs.
+    if train_params["batch_size"] % world_size:
+        raise ValueError(f"train_params.batch_size {train_params['batch_size']} is not divisible by "
+                         f"the {world_size} processes; choose a multiple of {world_size}")
+    batch_size = train_params["batch_size"] // world_size
+    if len(repeated) < train_params["batch_size"]:
         raise ValueError(f"dataset has {len(repeated)} items per epoch (videos x num_repeats) but "
-                         f"one step needs {batch_size * world_size}; lower train_params.batch_size "
-                         "or raise num_repeats")
+                         f"one step needs {train_params['batch_size']}; lower "
+                         "train_params.batch_size or raise num_repeats")
     sampler = ResumableSampler(repeated, world_size, rank, seed)
     loader = DataLoader(repeated, batch_size=batch_size, sampler=sampler, drop_last=True,
                         num_workers=train_params["num_workers"], pin_memory=str(device) != "cpu",
