@@ -2,7 +2,6 @@
 
 Only rank 0 of a distributed run writes (``Logger(..., enabled=False)`` on the other ranks).
 """
-import colorsys
 import datetime
 import os
 import tempfile
@@ -150,24 +149,3 @@ def make_grid(columns, max_rows=8, title_height=12):
     for c, (title, _) in enumerate(columns):
         draw.text((c * width + 2, 0), str(title)[: max(1, width // 6)], fill=(0, 0, 0))
     return np.asarray(image)
-
-
-def point_colors(count):
-    """``count`` distinct RGB colours in [0, 1] around the hue circle (a rainbow colormap)."""
-    return np.array([colorsys.hsv_to_rgb(0.85 * i / max(1, count - 1), 1.0, 1.0)
-                     for i in range(count)], np.float32)
-
-
-def draw_points(images, points, radius=2):
-    """Copy of ``images`` (B x 3 x H x W) with points (B x K x 2, normalized) drawn as coloured dots."""
-    out = images.detach().float().clone().cpu()
-    height, width = out.shape[-2:]
-    colors = point_colors(points.shape[1])
-    pixels = ((points.detach().float().cpu() + 1) / 2 * torch.tensor([width - 1, height - 1])).round()
-    yy, xx = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
-    for b in range(out.shape[0]):
-        for k in range(points.shape[1]):
-            x, y = pixels[b, k].tolist()
-            disk = (xx - x) ** 2 + (yy - y) ** 2 <= radius ** 2
-            out[b][:, disk] = torch.tensor(colors[k], dtype=out.dtype)[:, None]
-    return out

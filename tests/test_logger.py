@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from logger import Logger, draw_points, load_checkpoint, make_grid, save_checkpoint_atomic
+from logger import Logger, load_checkpoint, make_grid, save_checkpoint_atomic
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -37,12 +37,6 @@ def test_grid_places_images_in_columns():
     a, b = torch.zeros(1, 3, 8, 8), torch.ones(1, 3, 8, 8)
     grid = make_grid([("a", a), ("b", b)], title_height=0)
     assert (grid[:, :8] == 0).all() and (grid[:, 8:] == 255).all()
-
-
-def test_draw_points_marks_the_right_pixel():
-    image = torch.zeros(1, 3, 9, 9)
-    out = draw_points(image, torch.tensor([[[0.0, 0.0]]]), radius=0)
-    assert out[0, :, 4, 4].sum() > 0 and out[0].sum() == out[0, :, 4, 4].sum()
 
 
 def test_disabled_logger_writes_nothing(tmp_path):

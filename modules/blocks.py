@@ -1,0 +1,138 @@
+"""Convolutional building blocks shared by every network: conv blocks, encoder, decoder, hourglass.
+
+Normalization comes from one factory, :func:`make_norm`. Batch norm is plain ``nn.BatchNorm2d``
+(affine); for multi-GPU training the trainer turns it into synchronized batch norm with
+``torch.nn.SyncBatchNorm.convert_sync_batchnorm`` (which refuses CPU modules, so it is not done
+here).
+"""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+NORMS = ("batch", "instance", "none")
+
+
+def make_norm(num_features, kind="batch"):
+    """A 2D normalization layer: 'batch' (affine BatchNorm2d), 'instance' (affine) or 'none'."""
+    if kind == "batch":
+        return nn.BatchNorm2d(num_features, affine=True)
+    if kind == "instance":
+        return nn.InstanceNorm2d(num_features, affine=True)
+    if kind in (None, "none"):
+        return nn.Identity()
+    raise ValueError(f"unknown norm {kind!r}; expected one of {NORMS}")
+
+
+def level_channels(block_expansion, level, max_features):
+    """Channels at pyramid ``level``: ``block_expansion * 2^level``, capped at ``max_features``."""
+    return min(max_features, block_expansion * (2 ** level))
+
+
+class SameBlock2d(nn.Module):
+    """conv -> norm -> ReLU at the same resolution."""
+
+    def __init__(self, in_features, out_features, kernel_size=3, padding=1, norm="batch"):
+        super().__init__()
+        self.conv = nn.Conv2d(in_features, out_features, kernel_size, padding=padding)
+        self.norm = make_norm(out_features, norm)
+
+    def forward(self, x):
+        return F.relu(self.norm(self.conv(x)))
+
+
+class DownBlock2d(nn.Module):
+    """conv -> norm -> ReLU -> 2x2 average pooling (half resolution)."""
+
+    def __init__(self, in_features, out_features, kernel_size=3, padding=1, norm="batch"):
+        super().__init__()
+        self.conv = nn.Conv2d(in_features, out_features, kernel_size, padding=padding)
+        self.norm = make_norm(out_features, norm)
+
+    def forward(self, x):
+        return F.avg_pool2d(F.relu(self.norm(self.conv(x))), kernel_size=2)
+
+
+class UpBlock2d(nn.Module):
+    """2x nearest upsampling -> conv -> norm -> ReLU (double resolution)."""
+
+    def __init__(self, in_features, out_features, kernel_size=3, padding=1, norm="batch"):
+        super().__init__()
+        self.conv = nn.Conv2d(in_features, out_features, kernel_size, padding=padding)
+        self.norm = make_norm(out_features, norm)
+
+    def forward(self, x):
+        x = F.interpolate(x, scale_factor=2, mode="nearest")
+        return F.relu(self.norm(self.conv(x)))
+
+
+class ResBlock2d(nn.Module):
+    """Pre-activation residual block: x + conv(relu(norm(conv(relu(norm(x))))))."""
+
+    def __init__(self, features, kernel_size=3, padding=1, norm="batch"):
+        super().__init__()
+        self.norm1 = make_norm(features, norm)
+        self.conv1 = nn.Conv2d(features, features, kernel_size, padding=padding)
+        self.norm2 = make_norm(features, norm)
+        self.conv2 = nn.Conv2d(features, features, kernel_size, padding=padding)
+
+    def forward(self, x):
+        out = self.conv1(F.relu(self.norm1(x)))
+        out = self.conv2(F.relu(self.norm2(out)))
+        return x + out
+
+
+class Encoder(nn.Module):
+    """``num_blocks`` down blocks; returns the input and every block's output, finest first."""
+
+    def __init__(self, block_expansion, in_features, num_blocks=3, max_features=256, norm="batch"):
+        super().__init__()
+        channels = [in_features] + [level_channels(block_expansion, i + 1, max_features)
+                                    for i in range(num_blocks)]
+        self.down_blocks = nn.ModuleList(
+            DownBlock2d(channels[i], channels[i + 1], norm=norm) for i in range(num_blocks))
+        self.out_channels = channels
+
+    def forward(self, x):
+        features = [x]
+        for block in self.down_blocks:
+            features.append(block(features[-1]))
+        return features
+
+
+class Decoder(nn.Module):
+    """Up blocks from the coarsest encoder feature, concatenating the encoder skip at each level.
+
+    Output channels: ``block_expansion + in_features`` (``out_filters``).
+    """
+
+    def __init__(self, block_expansion, in_features, num_blocks=3, max_features=256, norm="batch"):
+        super().__init__()
+        blocks = []
+        for level in reversed(range(num_blocks)):
+            skip_factor = 1 if level == num_blocks - 1 else 2
+            blocks.append(UpBlock2d(skip_factor * level_channels(block_expansion, level + 1,
+                                                                 max_features),
+                                    level_channels(block_expansion, level, max_features),
+                                    norm=norm))
+        self.up_blocks = nn.ModuleList(blocks)
+        self.out_filters = block_expansion + in_features
+
+    def forward(self, features):
+        skips = list(features)
+        out = skips.pop()
+        for block in self.up_blocks:
+            out = torch.cat([block(out), skips.pop()], dim=1)
+        return out
+
+
+class Hourglass(nn.Module):
+    """Encoder-decoder with skips (U-Net); input size must be divisible by ``2^num_blocks``."""
+
+    def __init__(self, block_expansion, in_features, num_blocks=3, max_features=256, norm="batch"):
+        super().__init__()
+        self.encoder = Encoder(block_expansion, in_features, num_blocks, max_features, norm)
+        self.decoder = Decoder(block_expansion, in_features, num_blocks, max_features, norm)
+        self.out_filters = self.decoder.out_filters
+
+    def forward(self, x):
+        return self.decoder(self.encoder(x))

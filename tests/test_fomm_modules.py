@@ -1,0 +1,498 @@
+"""Shared FOMM-style modules (util, blocks, keypoints, dense motion, generator, discriminator,
+losses) and the FOMM model, at tiny sizes on CPU."""
+import copy
+import os
+
+import pytest
+import torch
+from torch import nn
+
+from modules import blocks
+from modules.coords import make_coordinate_grid
+from modules.dense_motion import DenseMotionNetwork, ExtraMotion
+from modules.discriminator import MultiScaleDiscriminator
+from modules.generator import OcclusionAwareGenerator
+from modules.keypoint_detector import KPDetector
+from modules.losses import (PerceptualPyramidLoss, build_perceptual_loss,
+                            equivariance_jacobian_loss, equivariance_value_loss,
+                            feature_matching_loss, lsgan_discriminator_loss, lsgan_generator_loss,
+                            vgg19_feature_layers, vgg19_hub_path)
+from modules.models.fomm import FOMM
+from modules.util import (AntiAliasDownsample, ImagePyramid, RandomTransform, colorize_masks,
+                          draw_keypoints, kp2gaussian, relative_keypoints, sparse_affine_flows)
+
+SIZE = 64
+NUM_KP = 4
+
+
+# ----------------------------------------------------------------------------- helpers
+def deep_update(defaults, overrides):
+    merged = copy.deepcopy(defaults)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_update(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+TINY_MODEL_PARAMS = {
+    "common_params": {"num_kp": NUM_KP},
+    "kp_detector_params": {"block_expansion": 8, "max_features": 32, "num_blocks": 2},
+    "generator_params": {"block_expansion": 8, "max_features": 32, "num_bottleneck_blocks": 1,
+                         "dense_motion_params": {"block_expansion": 8, "max_features": 32,
+                                                 "num_blocks": 2}},
+    "discriminator_params": {"block_expansion": 8, "max_features": 32, "num_blocks": 3},
+}
+TINY_TRAIN_PARAMS = {"perceptual_pretrained": False, "scales": [1.0, 0.5]}
+
+
+def tiny_config(model_params=None, train_params=None):
+    """FOMM's defaults shrunk to CPU-test sizes (what the config loader would produce)."""
+    model = deep_update(TINY_MODEL_PARAMS, model_params or {})
+    train = deep_update(TINY_TRAIN_PARAMS, train_params or {})
+    return {"model": "fomm",
+            "model_params": deep_update(FOMM.default_model_params, model),
+            "train_params": deep_update(FOMM.default_train_params, train)}
+
+
+def random_keypoints(batch=2, num_kp=NUM_KP, jacobian=True):
+    kp = {"value": torch.rand(batch, num_kp, 2) * 1.6 - 0.8}
+    if jacobian:
+        kp["jacobian"] = torch.eye(2) + 0.2 * torch.randn(batch, num_kp, 2, 2)
+    return kp
+
+
+def blob_images(centers, colors, size):
+    """Smooth test images: a coloured gaussian blob on grey, one per (center, colour)."""
+    grid = make_coordinate_grid(size, size)
+    images = []
+    for (cx, cy), color in zip(centers, colors):
+        blob = torch.exp(-((grid[..., 0] - cx) ** 2 + (grid[..., 1] - cy) ** 2) / 0.1)
+        images.append(torch.stack([0.2 + 0.7 * blob * c for c in color]))
+    return torch.stack(images)
+
+
+@pytest.fixture(autouse=True)
+def seeded():
+    torch.manual_seed(0)
+
+
+# ----------------------------------------------------------------------------- blocks
+def test_blocks_shapes():
+    x = torch.rand(2, 4, 16, 16)
+    assert blocks.SameBlock2d(4, 6)(x).shape == (2, 6, 16, 16)
+    assert blocks.DownBlock2d(4, 6)(x).shape == (2, 6, 8, 8)
+    assert blocks.UpBlock2d(4, 6)(x).shape == (2, 6, 32, 32)
+    assert blocks.ResBlock2d(4)(x).shape == x.shape
+    encoder = blocks.Encoder(8, 4, num_blocks=3, max_features=16)
+    assert [f.shape[1] for f in encoder(x)] == [4, 16, 16, 16]
+    hourglass = blocks.Hourglass(8, 4, num_blocks=3, max_features=16)
+    assert hourglass(x).shape == (2, hourglass.out_filters, 16, 16)
+    assert hourglass.out_filters == 8 + 4
+
+
+def test_norm_factory_and_sync_batchnorm_conversion():
+    assert isinstance(blocks.make_norm(4, "batch"), nn.BatchNorm2d)
+    assert blocks.make_norm(4, "batch").affine
+    assert isinstance(blocks.make_norm(4, "instance"), nn.InstanceNorm2d)
+    assert isinstance(blocks.make_norm(4, "none"), nn.Identity)
+    with pytest.raises(ValueError, match="unknown norm"):
+        blocks.make_norm(4, "group")
+    converted = nn.SyncBatchNorm.convert_sync_batchnorm(blocks.Hourglass(8, 3, 2, 16))
+    assert any(isinstance(m, nn.SyncBatchNorm) for m in converted.modules())
+    assert not any(type(m) is nn.BatchNorm2d for m in converted.modules())
+
+
+# ----------------------------------------------------------------------------- util
+def test_kp2gaussian_peaks_at_keypoint():
+    kp = torch.tensor([[[-1.0, -1.0], [1.0 / 3, -1.0 / 3]]])     # pixel centres of a 7x7 grid
+    heatmaps = kp2gaussian(kp, (7, 7), variance=0.01)
+    assert heatmaps.shape == (1, 2, 7, 7)
+    assert heatmaps[0, 0, 0, 0] == pytest.approx(1.0)
+    assert heatmaps[0, 1, 2, 4] == pytest.approx(1.0)
+    assert heatmaps[0, 1].argmax() == 2 * 7 + 4
+
+
+def test_sparse_affine_flows_follow_eq9():
+    kp_driving, kp_source = random_keypoints(), random_keypoints()
+    flows = sparse_affine_flows(kp_driving, kp_source, (9, 9))
+    assert flows.shape == (2, NUM_KP, 9, 9, 2)
+    # at z = p_D the motion lands exactly on p_S; one pixel step moves by J_S J_D^-1 step
+    grid = make_coordinate_grid(9, 9)
+    z = grid[3, 5]
+    expected = kp_source["value"] + torch.einsum(
+        "bkij,bkj->bki", kp_source["jacobian"] @ torch.linalg.inv(kp_driving["jacobian"]),
+        z - kp_driving["value"])
+    assert torch.allclose(flows[:, :, 3, 5], expected, atol=1e-5)
+
+
+def test_relative_keypoints_identity_when_driving_is_reference():
+    kp_source, kp_driving = random_keypoints(), random_keypoints()
+    for adapt in (False, True):
+        result = relative_keypoints(kp_source, kp_driving, kp_driving, adapt_movement_scale=adapt)
+        assert torch.allclose(result["value"], kp_source["value"], atol=1e-5)
+        assert torch.allclose(result["jacobian"], kp_source["jacobian"], atol=1e-5)
+
+
+def test_relative_keypoints_movement_and_scale():
+    kp_reference = {"value": torch.tensor([[[0.0, 0.0], [0.2, 0.0], [0.0, 0.2]]])}
+    kp_source = {"value": kp_reference["value"] * 2}            # 4x the hull area
+    kp_driving = {"value": kp_reference["value"] + 0.1}
+    plain = relative_keypoints(kp_source, kp_driving, kp_reference)
+    assert torch.allclose(plain["value"], kp_source["value"] + 0.1)
+    adapted = relative_keypoints(kp_source, kp_driving, kp_reference, adapt_movement_scale=True)
+    assert torch.allclose(adapted["value"], kp_source["value"] + 0.2, atol=1e-6)
+
+
+def test_relative_jacobian_reproduces_eq21():
+    kp_source, kp_driving, kp_reference = random_keypoints(), random_keypoints(), random_keypoints()
+    result = relative_keypoints(kp_source, kp_driving, kp_reference)
+    flows = sparse_affine_flows(result, kp_source, (5, 5))
+    z = make_coordinate_grid(5, 5)[1, 2]
+    linear = kp_reference["jacobian"] @ torch.linalg.inv(kp_driving["jacobian"])
+    offset = z - kp_source["value"] + kp_reference["value"] - kp_driving["value"]
+    expected = kp_source["value"] + torch.einsum("bkij,bkj->bki", linear, offset)
+    assert torch.allclose(flows[:, :, 1, 2], expected, atol=1e-5)
+
+
+def test_random_transform_image_and_coordinates_agree():
+    transform = RandomTransform(2, sigma_affine=0.05, sigma_tps=0.005, points_tps=5)
+    grid = make_coordinate_grid(33, 33)
+    coordinate_image = grid.permute(2, 0, 1)[None].repeat(2, 1, 1, 1)   # pixel (x, y) -> (x, y)
+    warped = transform.transform_image(coordinate_image)                # pixel z -> T(z)
+    mapped = transform.transform_coordinates(grid[None].expand(2, -1, -1, -1))
+    inside = (mapped.abs() < 0.95).all(-1)
+    assert inside.float().mean() > 0.5
+    difference = (warped.permute(0, 2, 3, 1) - mapped).norm(dim=-1)
+    assert difference[inside].max() < 1e-4
+
+
+def test_random_transform_jacobian_matches_finite_differences():
+    transform = RandomTransform(2, sigma_affine=0.1, sigma_tps=0.05, points_tps=3)
+    points = torch.rand(2, 6, 2, dtype=torch.float64) - 0.5
+    transform.affine = transform.affine.double()
+    transform.control_weights = transform.control_weights.double()
+    jacobian = transform.jacobian(points)
+    eps = 1e-6
+    for axis in range(2):
+        step = torch.zeros(2, dtype=torch.float64)
+        step[axis] = eps
+        column = (transform.transform_coordinates(points + step)
+                  - transform.transform_coordinates(points - step)) / (2 * eps)
+        assert torch.allclose(jacobian[..., :, axis], column, atol=1e-6)
+
+
+def test_identity_transform_gives_zero_equivariance_losses():
+    detector = KPDetector(NUM_KP, 3, 8, 32, 2, scale_factor=0.25).eval()
+    frames = torch.rand(2, 3, SIZE, SIZE)
+    transform = RandomTransform(2, sigma_affine=0.0, sigma_tps=0.0)
+    kp, kp_transformed = detector(frames), detector(transform.transform_image(frames))
+    assert equivariance_value_loss(kp, kp_transformed, transform) < 1e-5
+    assert equivariance_jacobian_loss(kp, kp_transformed, transform) < 1e-5
+
+
+def test_antialias_downsample_and_pyramid():
+    down = AntiAliasDownsample(0.25)
+    constant = torch.full((1, 2, 32, 32), 0.7)
+    shrunk = down(constant)
+    assert shrunk.shape == (1, 2, 8, 8)
+    assert torch.allclose(shrunk, constant[..., :8, :8], atol=1e-6)
+    noise = torch.rand(1, 1, 64, 64)
+    assert down(noise).std() < noise.std() / 2                      # high frequencies removed
+    pyramid = ImagePyramid([1, 0.5, 0.25])(torch.rand(2, 3, 32, 32))
+    assert {s: tuple(x.shape[-2:]) for s, x in pyramid.items()} == {
+        1.0: (32, 32), 0.5: (16, 16), 0.25: (8, 8)}
+
+
+def test_visual_helpers():
+    images = torch.zeros(2, 3, 16, 16)
+    drawn = draw_keypoints(images, torch.zeros(2, 3, 2), radius=2)
+    assert drawn.shape == images.shape and drawn[:, :, 7:9, 7:9].sum() > 0
+    masks = torch.softmax(torch.rand(2, 5, 4, 4), dim=1)
+    assert colorize_masks(masks, (16, 16)).shape == (2, 3, 16, 16)
+
+
+# ----------------------------------------------------------------------------- keypoints
+def test_keypoint_detector_shapes_and_identity_jacobians():
+    detector = KPDetector(NUM_KP, 3, block_expansion=8, max_features=32, num_blocks=2,
+                          temperature=0.1, scale_factor=0.25)
+    kp = detector(torch.rand(2, 3, SIZE, SIZE))
+    assert kp["value"].shape == (2, NUM_KP, 2)
+    assert kp["jacobian"].shape == (2, NUM_KP, 2, 2)
+    assert kp["value"].abs().max() <= 1
+    assert torch.allclose(kp["jacobian"], torch.eye(2).expand(2, NUM_KP, 2, 2), atol=1e-5)
+    no_jacobian = KPDetector(NUM_KP, 3, 8, 32, 2, estimate_jacobian=False)
+    assert set(no_jacobian(torch.rand(1, 3, 32, 32))) == {"value"}
+
+
+# ----------------------------------------------------------------------------- dense motion
+def tiny_dense_motion(**kwargs):
+    params = dict(num_kp=NUM_KP, num_channels=3, block_expansion=8, max_features=32,
+                  num_blocks=2, scale_factor=0.25)
+    params.update(kwargs)
+    return DenseMotionNetwork(**params)
+
+
+def test_dense_motion_shapes_and_masks_sum_to_one():
+    network = tiny_dense_motion()
+    out = network(torch.rand(2, 3, SIZE, SIZE), random_keypoints(), random_keypoints())
+    assert out["deformation"].shape == (2, 16, 16, 2)
+    assert out["mask"].shape == (2, NUM_KP + 1, 16, 16)
+    assert out["sparse_deformed"].shape == (2, NUM_KP + 1, 3, 16, 16)
+    assert out["occlusion_map"].shape == (2, 1, 16, 16)
+    assert torch.allclose(out["mask"].sum(1), torch.ones(2, 16, 16), atol=1e-5)
+    assert 0 <= out["occlusion_map"].min() and out["occlusion_map"].max() <= 1
+
+
+def test_identical_keypoints_give_identity_flows():
+    network = tiny_dense_motion()
+    kp = random_keypoints()
+    out = network(torch.rand(2, 3, SIZE, SIZE), kp, kp)
+    identity = make_coordinate_grid(16, 16).expand(2, NUM_KP + 1, 16, 16, 2)
+    assert torch.allclose(out["sparse_flows"], identity, atol=1e-5)
+    assert torch.allclose(out["deformation"], identity[:, 0], atol=1e-5)
+    assert out["heatmaps"].abs().max() < 1e-6                     # H_k = 0 when nothing moves
+
+
+def test_dense_motion_takes_extra_motions_and_several_occlusion_maps():
+    """SAFA's case: one extra (3D) motion slot, two occlusion maps (O_g, O_ca)."""
+    network = tiny_dense_motion(num_extra_motions=1, num_occlusion_maps=2)
+    source = torch.rand(2, 3, SIZE, SIZE)
+    shift = torch.tensor([0.1, 0.0])
+    flow_3d = make_coordinate_grid(SIZE, SIZE)[None].repeat(2, 1, 1, 1) + shift
+    extra = ExtraMotion(flow=flow_3d, heatmap=torch.rand(2, 1, SIZE, SIZE),
+                        deformed=torch.rand(2, 3, SIZE, SIZE))
+    out = network(source, random_keypoints(), random_keypoints(), extra_motions=[extra])
+    assert out["mask"].shape == (2, NUM_KP + 2, 16, 16)
+    assert out["occlusion_maps"].shape == (2, 2, 16, 16)
+    assert torch.allclose(out["mask"].sum(1), torch.ones(2, 16, 16), atol=1e-5)
+    expected_flow = make_coordinate_grid(16, 16) + shift
+    assert torch.allclose(out["sparse_flows"][:, -1], expected_flow.expand(2, -1, -1, -1),
+                          atol=1e-5)
+    # without a deformed image the source is warped by the extra flow
+    out = network(source, random_keypoints(), random_keypoints(),
+                  extra_motions=[ExtraMotion(flow=flow_3d, heatmap=torch.rand(2, SIZE, SIZE))])
+    assert out["sparse_deformed"].shape == (2, NUM_KP + 2, 3, 16, 16)
+    with pytest.raises(ValueError, match="num_extra_motions"):
+        network(source, random_keypoints(), random_keypoints())
+
+
+# ----------------------------------------------------------------------------- generator
+def tiny_generator(**kwargs):
+    dense = dict(block_expansion=8, max_features=32, num_blocks=2, scale_factor=0.25)
+    dense.update(kwargs.pop("dense_motion_params", {}))
+    return OcclusionAwareGenerator(3, NUM_KP, block_expansion=8, max_features=32,
+                                   num_down_blocks=2, num_bottleneck_blocks=1,
+                                   dense_motion_params=dense, **kwargs)
+
+
+def test_generator_outputs():
+    generator = tiny_generator()
+    out = generator(torch.rand(2, 3, SIZE, SIZE), random_keypoints(), random_keypoints())
+    assert out["prediction"].shape == (2, 3, SIZE, SIZE)
+    assert 0 <= out["prediction"].min() and out["prediction"].max() <= 1
+    assert out["deformed"].shape == (2, 3, SIZE, SIZE)
+    assert out["occlusion_map"].shape == (2, 1, 16, 16)
+    assert out["mask"].shape == (2, NUM_KP + 1, 16, 16)
+    assert out["sparse_deformed"].shape == (2, NUM_KP + 1, 3, 16, 16)
+    assert out["deformation"].shape == (2, 16, 16, 2)
+
+
+def test_generator_steps_compose_to_forward_with_skips_and_extras():
+    """The encode / warp / bottleneck / decode split SAFA builds on (U-Net skips, extra motion)."""
+    generator = tiny_generator(skip_connections=True,
+                               dense_motion_params={"num_extra_motions": 1,
+                                                    "num_occlusion_maps": 2}).eval()
+    source = torch.rand(2, 3, SIZE, SIZE)
+    kp_driving, kp_source = random_keypoints(), random_keypoints()
+    extra = [ExtraMotion(flow=make_coordinate_grid(SIZE, SIZE).expand(2, -1, -1, -1),
+                         heatmap=torch.zeros(2, 1, SIZE, SIZE))]
+    full = generator(source, kp_driving, kp_source, extra)
+    motion = generator.estimate_motion(source, kp_driving, kp_source, extra)
+    features = generator.encode(source)
+    assert [f.shape[-1] for f in features] == [SIZE, SIZE // 2, SIZE // 4]
+    warped = generator.warp_features(features, motion)
+    prediction = generator.decode(generator.bottleneck(warped[-1]), warped[:-1])
+    assert torch.allclose(prediction, full["prediction"], atol=1e-6)
+    assert full["occlusion_maps"].shape == (2, 2, 16, 16)
+
+
+def test_generator_identity_motion_warps_nothing():
+    generator = tiny_generator()
+    source = torch.rand(1, 3, SIZE, SIZE)
+    features = generator.encode(source)
+    identity = make_coordinate_grid(SIZE // 4, SIZE // 4)[None]
+    assert torch.allclose(generator.warp_feature(features[-1], identity), features[-1], atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- discriminator
+def test_multiscale_discriminator_outputs():
+    discriminator = MultiScaleDiscriminator(scales=[1, 0.5], num_channels=3, block_expansion=8,
+                                            num_blocks=3, max_features=32, use_spectral_norm=True,
+                                            use_kp=True, num_kp=NUM_KP)
+    out = discriminator(torch.rand(2, 3, SIZE, SIZE), random_keypoints())
+    assert set(out) == {1.0, 0.5}
+    assert len(out[1.0]["features"]) == 3
+    assert out[1.0]["prediction"].shape[:2] == (2, 1)
+    assert out[0.5]["prediction"].shape[-1] < out[1.0]["prediction"].shape[-1]
+    with pytest.raises(ValueError, match="use_kp"):
+        discriminator(torch.rand(2, 3, SIZE, SIZE))
+
+
+def test_gan_losses():
+    perfect_real = {1.0: {"prediction": torch.ones(2, 1, 4, 4), "features": [torch.ones(2, 3)]}}
+    perfect_fake = {1.0: {"prediction": torch.zeros(2, 1, 4, 4), "features": [torch.zeros(2, 3)]}}
+    assert lsgan_discriminator_loss(perfect_real, perfect_fake) == 0
+    assert lsgan_generator_loss(perfect_fake) == 1
+    assert feature_matching_loss(perfect_real, perfect_fake, [10.0]) == 10
+    assert feature_matching_loss(perfect_real, perfect_real, [10.0]) == 0
+
+
+# ----------------------------------------------------------------------------- perceptual
+@pytest.fixture
+def empty_hub(tmp_path):
+    previous = torch.hub.get_dir()
+    torch.hub.set_dir(str(tmp_path / "hub"))
+    yield tmp_path / "hub"
+    torch.hub.set_dir(previous)
+
+
+def test_vgg_missing_weights_names_the_path(empty_hub):
+    expected = os.path.join(str(empty_hub), "checkpoints", "vgg19-dcbb9e9d.pth")
+    assert vgg19_hub_path() == expected
+    train_params = deep_update(FOMM.default_train_params, {"perceptual_pretrained": True})
+    with pytest.raises(FileNotFoundError) as error:
+        build_perceptual_loss(train_params)
+    message = str(error.value)
+    assert expected in message
+    assert "download.pytorch.org/models/vgg19-dcbb9e9d.pth" in message
+    assert "perceptual_pretrained" in message
+
+
+def test_vgg_weights_load_from_hub_cache_and_config_path(empty_hub, tmp_path):
+    layers = vgg19_feature_layers()
+    custom = tmp_path / "my_vgg.pth"
+    torch.save({f"features.{k}": v for k, v in layers.state_dict().items()}, custom)
+    from_path = PerceptualPyramidLoss([1.0], [1.0] * 5, weights_path=str(custom))
+    assert torch.equal(from_path.vgg.slices[4][-2].weight, layers[28].weight)
+    os.makedirs(empty_hub / "checkpoints")
+    os.symlink(custom, vgg19_hub_path())
+    from_hub = PerceptualPyramidLoss([1.0], [1.0] * 5)
+    assert torch.equal(from_hub.vgg.slices[0][0].weight, layers[0].weight)
+
+
+def test_perceptual_random_init_flag(empty_hub):
+    train_params = deep_update(FOMM.default_train_params,
+                               {"perceptual_pretrained": False, "scales": [1.0, 0.5]})
+    loss = build_perceptual_loss(train_params)
+    assert not any(p.requires_grad for p in loss.parameters())
+    image = torch.rand(1, 3, 32, 32)
+    assert loss(image, image) == 0
+    prediction = torch.rand(1, 3, 32, 32, requires_grad=True)
+    value = loss(prediction, image)
+    value.backward()
+    assert value > 0 and prediction.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="relu5_1"):
+        PerceptualPyramidLoss([0.25], [1.0] * 5, pretrained=False)(image, image)
+
+
+# ----------------------------------------------------------------------------- FOMM model
+def test_fomm_defaults_pass_the_config_loader():
+    config_module = pytest.importorskip("config")
+    config = config_module.validate({"model": "fomm", "model_params": TINY_MODEL_PARAMS,
+                                     "train_params": TINY_TRAIN_PARAMS})
+    assert config["model_params"]["kp_detector_params"]["temperature"] == 0.1
+    assert config["train_params"]["loss_weights"]["perceptual"] == [10.0] * 5
+    assert FOMM.name == "fomm"
+
+
+MODEL_SIZE = 32   # frames of the model tests (3 discriminator blocks fit)
+
+
+def make_batch(batch=2, size=MODEL_SIZE):
+    source = blob_images([(-0.3, 0.0), (0.2, 0.2)], [(1, .2, .5), (.3, 1, .2)], size)[:batch]
+    driving = blob_images([(0.2, 0.0), (-0.1, -0.2)], [(1, .2, .5), (.3, 1, .2)], size)[:batch]
+    return {"source": source, "driving": driving, "driving_landmarks": torch.zeros(batch, 68, 2)}
+
+
+def test_fomm_steps_give_finite_losses_and_gradients_for_every_group():
+    model = FOMM(tiny_config(train_params={"loss_weights": {"generator_gan": 1.0}}))
+    batch = make_batch()
+    losses, generated = model.generator_step(batch)
+    assert set(losses) == {"perceptual", "generator_gan", "feature_matching",
+                           "equivariance_value", "equivariance_jacobian"}
+    assert all(torch.isfinite(v) and v.dim() == 0 for v in losses.values())
+    for key in ("prediction", "kp_source", "kp_driving", "occlusion_map", "deformed", "mask"):
+        assert key in generated
+    # both steps before any backward: the discriminator's spectral-norm updates must not break
+    # the generator's graph
+    disc_losses = model.discriminator_step(batch, generated)
+    assert set(disc_losses) == {"discriminator_gan"} and torch.isfinite(
+        disc_losses["discriminator_gan"])
+    sum(losses.values()).backward()
+    groups = model.optimizer_groups()
+    assert set(groups) == {"generator", "kp_detector", "discriminator"}
+    for name in ("generator", "kp_detector"):
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in groups[name]), name
+    for p in groups["discriminator"]:
+        p.grad = None
+    sum(disc_losses.values()).backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in groups["discriminator"])
+    titles = [title for title, _ in model.visuals(batch, generated)]
+    assert titles[:3] == ["source", "driving", "prediction"] and "mask" in titles
+    assert all(image.shape == (2, 3, MODEL_SIZE, MODEL_SIZE)
+               for _, image in model.visuals(batch, generated))
+
+
+def test_fomm_discriminator_step_leaves_generator_untouched():
+    model = FOMM(tiny_config(train_params={"loss_weights": {"generator_gan": 1.0}}))
+    batch = make_batch()
+    _, generated = model.generator_step(batch)
+    sum(model.discriminator_step(batch, generated).values()).backward()
+    assert all(p.grad is None for p in model.generator.parameters())
+    assert all(p.grad is None for p in model.kp_detector.parameters())
+
+
+def test_fomm_default_has_no_adversarial_part():
+    model = FOMM(tiny_config())
+    batch = make_batch()
+    losses, generated = model.generator_step(batch)
+    assert "generator_gan" not in losses and "feature_matching" not in losses
+    assert model.discriminator_step(batch, generated) == {}
+
+
+def test_fomm_inference_relative_and_absolute():
+    model = FOMM(tiny_config()).eval()
+    batch = make_batch()
+    with torch.no_grad():
+        source_state = model.encode_source(batch["source"][:1])
+        driving_state = model.encode_driving(batch["driving"])
+        reference_state = model.encode_driving(batch["driving"][:1])
+        absolute = model.generate(source_state, driving_state)
+        relative = model.generate(source_state, driving_state, reference_state, relative=True,
+                                  adapt_scale=True)
+        unchanged = model.generate(source_state, reference_state, reference_state, relative=True)
+    assert absolute["prediction"].shape == relative["prediction"].shape == (2, 3, MODEL_SIZE,
+                                                                            MODEL_SIZE)
+    assert torch.allclose(unchanged["kp_driving"]["value"], source_state["kp"]["value"], atol=1e-6)
+    assert model.pose_descriptor(driving_state).shape == (2, 2 * NUM_KP)
+    with pytest.raises(ValueError, match="reference_state"):
+        model.generate(source_state, driving_state, relative=True)
+
+
+def test_fomm_overfits_a_fixed_batch():
+    model = FOMM(tiny_config(train_params={
+        "loss_weights": {"equivariance_value": 0.0, "equivariance_jacobian": 0.0}}))
+    batch = make_batch()
+    optimizer = torch.optim.Adam([p for group in model.optimizer_groups().values() for p in group],
+                                 lr=1e-3)
+    history = []
+    for _ in range(10):
+        losses, _ = model.generator_step(batch)
+        total = sum(losses.values())
+        optimizer.zero_grad()
+        total.backward()
+        optimizer.step()
+        history.append(total.item())
+    assert history[-1] < 0.5 * history[0], history
