@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 from datasets.frames_dataset import DatasetRepeater
 from logger import CHECKPOINT_LATEST, Logger, load_checkpoint
+from modules.sync_batchnorm import convert_sync_batchnorm
 
 
 class NonFiniteLossError(RuntimeError):
@@ -38,6 +39,15 @@ class ResumableSampler(DistributedSampler):
         seeds = torch.randint(0, 2 ** 31 - 1, (len(order),), generator=generator).tolist()
         mine = list(zip(order, seeds))[:self.total_size][self.rank:self.total_size:self.num_replicas]
         return iter(mine[self.skip:])
+
+
+def wrap_distributed(model, device):
+    """DDP around the whole model. Each step's forward uses only some parameters (the
+    discriminator step leaves the generator out), hence ``find_unused_parameters``; BatchNorm
+    statistics are synchronized by the converted layers, not by broadcasting buffers."""
+    return torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[device] if torch.device(device).type == "cuda" else None,
+        find_unused_parameters=True, broadcast_buffers=False)
 
 
 def rng_state():
@@ -74,6 +84,40 @@ def move_to(batch, device):
     return batch
 
 
+def build_optimizers(model, train_params):
+    """Adam per optimizer group of the model, each with ``train_params['lr_<group>']``."""
+    return {name: torch.optim.Adam(params, lr=train_params[f"lr_{name}"],
+                                   betas=tuple(train_params["adam_betas"]))
+            for name, params in model.optimizer_groups().items()}
+
+
+def train_step(net, model, optimizers, batch, step=0, last_checkpoint=None):
+    """One iteration: generator step (all non-discriminator groups), then the discriminator step.
+
+    ``net`` is the model or its DDP wrapper. Returns ``(losses, generated)`` with detached outputs.
+    """
+    losses, generated = net(batch, step="generator")
+    check_finite(losses, step, last_checkpoint)
+    sum(losses.values()).backward()
+    for name, opt in optimizers.items():
+        if name not in model.discriminator_groups:
+            opt.step()
+    for opt in optimizers.values():
+        opt.zero_grad(set_to_none=True)
+    generated = {k: v.detach() if torch.is_tensor(v) else v for k, v in generated.items()}
+    if model.discriminator_groups:
+        d_losses = net(batch, step="discriminator", generated=generated)
+        check_finite(d_losses, step, last_checkpoint)
+        if d_losses:
+            sum(d_losses.values()).backward()
+            for name in model.discriminator_groups:
+                optimizers[name].step()
+            for opt in optimizers.values():
+                opt.zero_grad(set_to_none=True)
+        losses = {**losses, **d_losses}
+    return losses, generated
+
+
 def make_checkpoint(model, optimizers, schedulers, epoch, step, batch_in_epoch, config):
     return {"model": model.name, "model_params": config["model_params"],
             "state_dict": model.state_dict(),
@@ -106,11 +150,10 @@ def train(config, model, dataset, log_dir, checkpoint_path=None, device="cpu", r
           world_size=1, seed=0, verbose=False):
     train_params = config["train_params"]
     distributed = world_size > 1
+    if distributed:  # batch statistics over the global batch (SAFA trains with synchronized BN)
+        model = convert_sync_batchnorm(model, device)
     model.to(device)
-    groups = model.optimizer_groups()
-    optimizers = {name: torch.optim.Adam(params, lr=train_params[f"lr_{name}"],
-                                         betas=tuple(train_params["adam_betas"]))
-                  for name, params in groups.items()}
+    optimizers = build_optimizers(model, train_params)
     schedulers = {name: torch.optim.lr_scheduler.MultiStepLR(
         opt, train_params["epoch_milestones"], gamma=train_params["lr_decay"])
         for name, opt in optimizers.items()}
@@ -127,13 +170,7 @@ def train(config, model, dataset, log_dir, checkpoint_path=None, device="cpu", r
         skip_batches = checkpoint["batch_in_epoch"]
         set_rng_state(checkpoint["rng"])
 
-    if distributed and str(device).startswith("cuda"):
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    net = model
-    if distributed:
-        net = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device] if str(device).startswith("cuda") else None,
-            find_unused_parameters=True, broadcast_buffers=False)
+    net = wrap_distributed(model, device) if distributed else model
 
     repeated = DatasetRepeater(dataset, train_params["num_repeats"])
     # train_params.batch_size is the global batch (as FOMM's DataParallel split it), shared by the
@@ -173,28 +210,7 @@ def train(config, model, dataset, log_dir, checkpoint_path=None, device="cpu", r
                         initial=skip_batches, total=steps_per_epoch)
         for batch_index, batch in enumerate(progress, start=skip_batches):
             batch = move_to(batch, device)
-            losses, generated = net(batch, step="generator")
-            check_finite(losses, step, last_checkpoint)
-            sum(losses.values()).backward()
-            for name, opt in optimizers.items():
-                if name not in model.discriminator_groups:
-                    opt.step()
-            for opt in optimizers.values():
-                opt.zero_grad(set_to_none=True)
-
-            if model.discriminator_groups:
-                generated = {k: v.detach() if torch.is_tensor(v) else v
-                             for k, v in generated.items()}
-                d_losses = net(batch, step="discriminator", generated=generated)
-                check_finite(d_losses, step, last_checkpoint)
-                if d_losses:
-                    sum(d_losses.values()).backward()
-                    for name in model.discriminator_groups:
-                        optimizers[name].step()
-                    for opt in optimizers.values():
-                        opt.zero_grad(set_to_none=True)
-                losses = {**losses, **d_losses}
-
+            losses, generated = train_step(net, model, optimizers, batch, step, last_checkpoint)
             step += 1
             values = {k: float(v.detach()) for k, v in losses.items()}
             history.append(values)
