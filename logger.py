@@ -15,11 +15,12 @@ from config import dump_config
 CHECKPOINT_LATEST = "checkpoint_latest.pth"
 
 
-def make_log_dir(root, config_path):
-    """``root/<config name> <timestamp>`` (FOMM's habit), created."""
-    name = os.path.splitext(os.path.basename(config_path))[0]
-    stamp = datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
-    path = os.path.join(root, f"{name}_{stamp}")
+def make_log_dir(root, config_path, run_name=None):
+    """``root/<run_name>``, or ``root/<config name>_<timestamp>`` (FOMM's habit), created."""
+    if not run_name:
+        name = os.path.splitext(os.path.basename(config_path))[0]
+        run_name = f"{name}_{datetime.datetime.now().strftime('%Y-%m-%d_%H-%M-%S')}"
+    path = os.path.join(root, run_name)
     os.makedirs(path, exist_ok=True)
     return path
 

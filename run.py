@@ -33,6 +33,8 @@ def build_parser():
     parser.add_argument("--mode", default="train", choices=sorted(MODES),
                         help="what to run")
     parser.add_argument("--log_dir", default="log", help="root folder for run folders")
+    parser.add_argument("--run_name", default=None,
+                        help="run folder name under --log_dir (default: config name + timestamp)")
     parser.add_argument("--checkpoint", default=None,
                         help="checkpoint to resume training from, or to evaluate/animate with")
     parser.add_argument("--device_ids", default=None,
@@ -80,7 +82,7 @@ def device_for(device_id):
 
 def run_train(args, config, rank=0, world_size=1, device=None):
     from datasets.frames_dataset import build_dataset
-    from logger import make_log_dir
+    from logger import CHECKPOINT_LATEST, make_log_dir
     from modules.registry import build_model
     from train import train
     torch.manual_seed(args.seed)
@@ -89,7 +91,12 @@ def run_train(args, config, rank=0, world_size=1, device=None):
     if args.checkpoint and not args.resume_dir:
         log_dir = os.path.dirname(os.path.abspath(args.checkpoint))  # resume in the same folder
     else:
-        log_dir = args.resume_dir or make_log_dir(args.log_dir, args.config)
+        log_dir = args.resume_dir or make_log_dir(args.log_dir, args.config, args.run_name)
+    latest = os.path.join(log_dir, CHECKPOINT_LATEST)
+    if not args.checkpoint and os.path.isfile(latest):  # a named run that was stopped: continue it
+        args.checkpoint = latest
+        if rank == 0:
+            print(f"resuming from {latest} (the run folder already has a checkpoint)")
     if rank == 0:
         print(f"training {config['model']} on {len(dataset)} training entries; log dir {log_dir}")
     train(config, model, dataset, log_dir, checkpoint_path=args.checkpoint,
@@ -139,7 +146,7 @@ def launch_train(args, config, device_ids):
     from logger import make_log_dir
     args.resume_dir = args.resume_dir or (
         os.path.dirname(os.path.abspath(args.checkpoint)) if args.checkpoint
-        else make_log_dir(args.log_dir, args.config))
+        else make_log_dir(args.log_dir, args.config, args.run_name))
     torch.multiprocessing.spawn(_worker, args=(args, config, device_ids, _free_port()),
                                 nprocs=len(device_ids), join=True)
     return args.resume_dir
