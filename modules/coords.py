@@ -39,14 +39,21 @@ def normalized_to_pixels(points, height, width):
     return (points + 1.0) * 0.5 * scale
 
 
+def resize_flow(flow, size):
+    """``B x H x W x 2`` flow bilinearly resampled to ``size`` (values are coordinates: unchanged)."""
+    if tuple(flow.shape[1:3]) == tuple(size):
+        return flow
+    resized = F.interpolate(flow.permute(0, 3, 1, 2), size=tuple(size), mode="bilinear",
+                            align_corners=ALIGN_CORNERS)
+    return resized.permute(0, 2, 3, 1)
+
+
 def warp(image, flow, padding_mode="zeros"):
     """Backward-warp ``image`` (B x C x h x w) with ``flow`` (B x H x W x 2, normalized coords).
 
     The flow is resized to the image's resolution first when they differ, so one dense flow can warp
     every level of a feature pyramid.
     """
-    if flow.shape[1:3] != image.shape[2:]:
-        flow = F.interpolate(flow.permute(0, 3, 1, 2), size=image.shape[2:], mode="bilinear",
-                             align_corners=ALIGN_CORNERS).permute(0, 2, 3, 1)
+    flow = resize_flow(flow, image.shape[2:])
     return F.grid_sample(image, flow.to(image.dtype), mode="bilinear", padding_mode=padding_mode,
                          align_corners=ALIGN_CORNERS)

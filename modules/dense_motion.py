@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from modules.blocks import Hourglass
-from modules.coords import ALIGN_CORNERS, warp
+from modules.coords import ALIGN_CORNERS, resize_flow, warp
 from modules.util import (KP_VARIANCE, AntiAliasDownsample, identity_flows,
                           keypoint_heatmap_differences, sparse_affine_flows)
 
@@ -38,15 +38,6 @@ class ExtraMotion:
     flow: torch.Tensor
     heatmap: torch.Tensor
     deformed: Optional[torch.Tensor] = None
-
-
-def resize_flow(flow, size):
-    """``B x H x W x 2`` flow bilinearly resampled to ``size`` (values are coordinates: unchanged)."""
-    if tuple(flow.shape[1:3]) == tuple(size):
-        return flow
-    resized = F.interpolate(flow.permute(0, 3, 1, 2), size=size, mode="bilinear",
-                            align_corners=ALIGN_CORNERS)
-    return resized.permute(0, 2, 3, 1)
 
 
 class DenseMotionNetwork(nn.Module):
