@@ -15,13 +15,13 @@ generates frames in order, reading and writing one batch at a time. This equals 
 driving video's frame count and fps, and its audio track when it has one.
 """
 import os
-import tempfile
 
 import torch
 from tqdm import tqdm
 
 from datasets.frames_dataset import image_to_tensor
-from datasets.video_io import VideoReader, VideoWriter, copy_audio, read_image, video_stem
+from datasets.video_io import (VideoReader, VideoWriter, copy_audio, read_image, temporary_path,
+                               video_stem)
 from logger import to_uint8_image
 from modules.model_base import expand_state
 from reconstruction import batched, load_model_for_inference
@@ -88,11 +88,7 @@ def animate(model, source_image, driving_video, output_path, relative=True, adap
         reference = image_to_tensor(reader[reference_index])[None].to(device)
         reference_state = model.encode_driving(reference)
     out_fps = reader.fps or default_fps  # frame folders and stacked images have no fps
-    folder = os.path.dirname(os.path.abspath(output_path))
-    os.makedirs(folder, exist_ok=True)
-    handle, silent_path = tempfile.mkstemp(suffix=os.path.splitext(output_path)[1] or ".mp4",
-                                           dir=folder)
-    os.close(handle)
+    silent_path = temporary_path(output_path)  # video without audio, before muxing
     written = 0
     try:
         with VideoWriter(silent_path, out_fps) as writer:

@@ -7,6 +7,7 @@ RGBA and off-size frames are converted with a logged note, or refused when asked
 """
 import logging
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -18,7 +19,7 @@ from PIL import Image
 log = logging.getLogger("datasets")
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
-VIDEO_EXTENSIONS = (".mp4", ".gif", ".mov", ".avi", ".mkv", ".webm")
+VIDEO_EXTENSIONS = (".mp4", ".gif", ".mov", ".avi", ".mkv", ".webm", ".m4v")
 
 
 class VideoReadError(ValueError):
@@ -32,12 +33,30 @@ def video_stem(path):
     return root if ext.lower() in IMAGE_EXTENSIONS + VIDEO_EXTENSIONS else base
 
 
-def _short(error):
-    """First and last line of a decoder error (ffmpeg's banner in between is noise)."""
-    lines = [line for line in str(error).splitlines() if line.strip()]
-    if len(lines) <= 2:
-        return "; ".join(lines)
-    return f"{lines[0]} ... {lines[-1]}"
+def describe_error(error, limit=300):
+    """One line for a message or log: the error's first line and, for ffmpeg's long reports, its
+    last line (which says what went wrong); the banner in between is noise."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    text = lines[0] if lines else type(error).__name__
+    if len(lines) > 1:
+        text += f" ... {lines[-1]}"
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def natural_key(name):
+    """Sort key so that 'frame2.png' comes before 'frame10.png'."""
+    return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", name)]
+
+
+def temporary_path(final_path):
+    """A fresh temporary file beside ``final_path`` with its extension (ffmpeg picks the container
+    from it); rename it onto ``final_path`` once complete."""
+    folder, name = os.path.split(os.path.abspath(final_path))
+    stem, ext = os.path.splitext(name)
+    os.makedirs(folder, exist_ok=True)
+    handle, path = tempfile.mkstemp(prefix=f".{stem}.", suffix=f".tmp{ext}", dir=folder)
+    os.close(handle)
+    return path
 
 
 def is_video_entry(path):
@@ -117,8 +136,8 @@ class VideoReader:
             raise FileNotFoundError(f"video not found: {path}")
         if os.path.isdir(path):
             self._kind = "folder"
-            self._files = sorted(f for f in os.listdir(path)
-                                 if f.lower().endswith(IMAGE_EXTENSIONS))
+            self._files = sorted((f for f in os.listdir(path)
+                                  if f.lower().endswith(IMAGE_EXTENSIONS)), key=natural_key)
             if not self._files:
                 raise VideoReadError(f"{path}: folder contains no frames ({', '.join(IMAGE_EXTENSIONS)})"
                                      "; remove it from the dataset or add its frames")
@@ -161,7 +180,7 @@ class VideoReader:
             else:
                 self._length = self._reader.count_frames()
         except Exception as error:
-            raise VideoReadError(f"{self.path}: cannot decode video ({_short(error)}). The file is corrupt or uses a codec ffmpeg cannot read;"
+            raise VideoReadError(f"{self.path}: cannot decode video ({describe_error(error)}). The file is corrupt or uses a codec ffmpeg cannot read;"
                                  " re-encode it, e.g. ffmpeg -i in.mov -c:v libx264 out.mp4") from None
         if not self._length or self._length == float("inf"):
             raise VideoReadError(f"{self.path}: video has no readable frames")
@@ -219,35 +238,64 @@ def read_image(path, frame_size=None):
 
 
 class VideoWriter:
-    """Streams frames to an mp4 (H.264 through imageio-ffmpeg) or gif, one frame at a time."""
+    """Streams H x W x 3 uint8 frames to a video, atomically: frames go to a temporary file beside
+    ``path`` that is renamed onto it by ``close()``; ``abort()`` (or an exception inside a ``with``
+    block) removes it, so a half-written video never appears under the final name. mp4/mov/mkv are
+    H.264 through imageio-ffmpeg; gif through imageio."""
 
-    def __init__(self, path, fps):
+    def __init__(self, path, fps, quality=8):
         self.path = path
         self.fps = float(fps)
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        self.quality = quality
+        self.temp = temporary_path(path)
         self._writer = None
         self.frames = 0
 
+    def _open(self, frame):
+        if self.path.lower().endswith(".gif"):
+            self._writer = imageio.get_writer(self.temp, format="GIF", mode="I",
+                                              duration=1000.0 / self.fps)
+            self._send = self._writer.append_data
+            return
+        import imageio_ffmpeg
+        height, width = frame.shape[:2]
+        self._writer = imageio_ffmpeg.write_frames(
+            self.temp, (width, height), fps=self.fps, codec="libx264", quality=self.quality,
+            macro_block_size=1, ffmpeg_log_level="error")
+        self._writer.send(None)  # start ffmpeg
+        self._send = self._writer.send
+
     def write(self, frame):
+        frame = np.ascontiguousarray(frame, dtype=np.uint8)
         if self._writer is None:
-            if self.path.lower().endswith(".gif"):
-                self._writer = imageio.get_writer(self.path, mode="I", duration=1000.0 / self.fps)
-            else:
-                self._writer = imageio.get_writer(self.path, fps=self.fps, codec="libx264",
-                                                  quality=8, macro_block_size=1,
-                                                  ffmpeg_log_level="error")
-        self._writer.append_data(np.asarray(frame))
+            self._open(frame)
+        self._send(frame)
         self.frames += 1
 
     def close(self):
-        if self._writer is not None:
-            self._writer.close()
+        if self._writer is None:
+            self.abort()
+            raise ValueError(f"no frames were written to {self.path}")
+        self._writer.close()
+        os.replace(self.temp, self.path)
+
+    def abort(self):
+        try:
+            if self._writer is not None:
+                self._writer.close()
+        except Exception as error:  # ffmpeg may already be gone; the temp file goes either way
+            log.debug("writer for %s did not close cleanly: %s", self.path, error)
+        if os.path.exists(self.temp):
+            os.remove(self.temp)
 
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc):
-        self.close()
+    def __exit__(self, exc_type, *exc):
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
 
 
 def _ffmpeg():
@@ -272,9 +320,7 @@ def copy_audio(video_path, audio_source, output_path):
         if os.path.abspath(video_path) != os.path.abspath(output_path):
             shutil.move(video_path, output_path)
         return False
-    handle, tmp = tempfile.mkstemp(suffix=os.path.splitext(output_path)[1],
-                                   dir=os.path.dirname(os.path.abspath(output_path)))
-    os.close(handle)
+    tmp = temporary_path(output_path)
     command = [_ffmpeg(), "-y", "-loglevel", "error", "-i", video_path, "-i", audio_source,
                "-map", "0:v:0", "-map", "1:a:0", "-c:v", "copy", "-c:a", "aac", "-shortest", tmp]
     result = subprocess.run(command, capture_output=True, text=True)

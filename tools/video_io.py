@@ -1,0 +1,56 @@
+"""Input discovery for the preprocessing tools (frame reading and writing: datasets/video_io.py).
+
+A video is a file (``.mp4``, ``.mov``, ``.gif``, ...) or a folder of images (its frames, in natural
+order).
+"""
+import os
+
+from datasets.video_io import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, natural_key
+
+
+def image_files(folder):
+    names = [n for n in os.listdir(folder) if n.lower().endswith(IMAGE_EXTENSIONS)]
+    return [os.path.join(folder, n) for n in sorted(names, key=natural_key)]
+
+
+def is_frame_folder(path):
+    return os.path.isdir(path) and bool(image_files(path))
+
+
+def find_inputs(root, frame_folders=True):
+    """Videos (files) and, optionally, frame folders under ``root`` (or ``root`` itself)."""
+    if os.path.isfile(root) or (frame_folders and is_frame_folder(root)):
+        return [root]
+    found = []
+    for directory, subdirs, files in os.walk(root):
+        subdirs.sort(key=natural_key)
+        if frame_folders and directory != root and is_frame_folder(directory):
+            found.append(directory)
+            subdirs.clear()  # a frame folder's own subfolders are not separate videos
+            continue
+        found += [os.path.join(directory, f) for f in sorted(files, key=natural_key)
+                  if f.lower().endswith(VIDEO_EXTENSIONS)]
+    return found
+
+
+def strip_video_extension(name):
+    stem, ext = os.path.splitext(name)
+    return stem if ext.lower() in VIDEO_EXTENSIONS else name
+
+
+def relative_stem(path, root):
+    """Input name without its video extension, relative to ``root`` when ``root`` is a folder of
+    inputs (just the input's own name when ``root`` is the input itself)."""
+    path, root = os.path.normpath(path), os.path.normpath(root)
+    if path == root:
+        return strip_video_extension(os.path.basename(path))
+    return strip_video_extension(os.path.relpath(path, root))
+
+
+def remove_stale_temporaries(directory, stem):
+    """Delete the temp files a killed run left behind for outputs named ``stem...``."""
+    if not os.path.isdir(directory):
+        return
+    for name in os.listdir(directory):
+        if name.startswith(f".{stem}") and ".tmp" in name:
+            os.remove(os.path.join(directory, name))
