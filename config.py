@@ -83,6 +83,20 @@ BASE_DEFAULTS = {
         # Used when the driving video has no frame rate of its own (frame folders, stacked images).
         "fps": 25,
     },
+    "evaluation_params": {
+        # reconstruction (frame 0 drives every frame), pairs (random same-identity frame pairs,
+        # both directions), cross (cross-identity reenactment)
+        "protocols": ["reconstruction"],
+        # subset of l1 akd aeid fid psnr ssim ms_ssim lpips csim aed apd sms; null = all
+        "metrics": None,
+        "num_videos": None,
+        "pairs_per_video": 10,
+        "max_frames": None,
+        "batch_size": 8,
+        "fid_method": "sqrtm",          # or eigh: the same value, faster on CPU
+        "arcface_path": None,           # ONNX ArcFace-style identity network (AEID/CSIM)
+        "fid_inception_path": None,     # pytorch-fid's pt_inception-2015-12-05 weights
+    },
     "visualizer_params": {"kp_size": 3},
 }
 

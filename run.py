@@ -21,6 +21,7 @@ MODES = {
     "train": "run:run_train",
     "reconstruction": "reconstruction:run_reconstruction",
     "animate": "animate:run_animate",
+    "evaluate": "evaluation.cli:run_evaluate",
 }
 
 

@@ -133,3 +133,26 @@ def test_inference_refuses_checkpoint_of_other_config(tiny, tmp_path):
         load_model_for_inference(other, checkpoint, "cpu")
     with pytest.raises(ValueError, match="--checkpoint"):
         load_model_for_inference(config, None, "cpu")
+
+
+def test_evaluate_mode_writes_complete_tables(tiny, tmp_path):
+    """--mode evaluate runs every metric (skipped ones say why) and writes md, csv and json."""
+    config, checkpoint = tiny
+    sets = [f"dataset_params.root_dir={config['dataset_params']['root_dir']}", *TINY,
+            "evaluation_params.protocols=[reconstruction, pairs]", "evaluation_params.max_frames=3",
+            "evaluation_params.pairs_per_video=2", "evaluation_params.fid_method=eigh"]
+    args = sum((["--set", s] for s in sets), [])
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "run.py"), "--config", "tiny-fomm",
+                           "--mode", "evaluate", "--checkpoint", checkpoint, *args],
+                          capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = os.path.join(os.path.dirname(checkpoint), "evaluation")
+    assert sorted(os.listdir(out)) == ["metrics.csv", "metrics.json", "metrics.md"]
+    table = json.load(open(os.path.join(out, "metrics.json")))
+    text = json.dumps(table)
+    for column in ("L1", "PSNR", "SSIM", "AKD", "FID"):
+        assert column in text, column
+    assert "reconstruction" in text and "pairs" in text and checkpoint in text
+    markdown = open(os.path.join(out, "metrics.md")).read()
+    assert "| fomm |" in markdown or "fomm" in markdown

@@ -1,0 +1,55 @@
+"""``python run.py --mode evaluate``: run a checkpoint over the test videos and write the tables."""
+import os
+
+import torch
+
+from datasets.frames_dataset import build_dataset
+from datasets.video_io import VideoReader, video_stem
+from evaluation.protocols import DEFAULT_METRICS, evaluate, model_animator
+from evaluation.tables import write_tables
+from reconstruction import load_model_for_inference
+
+
+def backend_options(params):
+    """Per-backend options from ``evaluation_params`` (weights files the user supplies)."""
+    options = {}
+    if params["arcface_path"]:
+        options[("identity", "arcface-onnx")] = {"model_path": params["arcface_path"]}
+    if params["fid_inception_path"]:
+        options[("fid", "pytorch-fid")] = {"weights_path": params["fid_inception_path"]}
+    return options
+
+
+def test_videos(config, num_videos):
+    dataset = build_dataset(config, is_train=False)
+    size = config["dataset_params"]["frame_shape"][:2]
+    paths = dataset.videos[:num_videos] if num_videos else dataset.videos
+    return [(video_stem(p), VideoReader(p, size)) for p in paths]
+
+
+def code_encoder(model):
+    """The model's 3DMM encoder for AED/APD (models that have one expose ``encode_codes``)."""
+    return getattr(model, "encode_codes", None)
+
+
+@torch.no_grad()
+def run_evaluate(args, config, device):
+    params = config["evaluation_params"]
+    model = load_model_for_inference(config, args.checkpoint, device)
+    videos = test_videos(config, params["num_videos"])
+    results = evaluate(model_animator(model), videos, protocols=tuple(params["protocols"]),
+                       batch_size=params["batch_size"], pairs_per_video=params["pairs_per_video"],
+                       max_frames=params["max_frames"], seed=args.seed, device=device,
+                       metrics=tuple(params["metrics"] or DEFAULT_METRICS),
+                       options=backend_options(params), encoder=code_encoder(model),
+                       fid_method=params["fid_method"])
+    out_dir = os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "evaluation")
+    metadata = {"config": os.path.abspath(args.config), "checkpoint": os.path.abspath(args.checkpoint),
+                "protocols": list(params["protocols"]),
+                "dataset": os.path.abspath(config["dataset_params"]["root_dir"]),
+                "videos": len(videos)}
+    paths = write_tables(results, out_dir, metadata=metadata, method=config["model"])
+    with open(paths["md"], encoding="utf-8") as handle:
+        print(handle.read())
+    print(f"tables: {', '.join(paths.values())}")
+    return results
