@@ -263,5 +263,5 @@ def build_dataset(config, is_train):
     synthetic = params.get("synthetic")
     if synthetic and not os.path.isdir(params["root_dir"]):
         from datasets.synthetic import ensure_synthetic_dataset
-        ensure_synthetic_dataset(params["root_dir"], **synthetic)
+        ensure_synthetic_dataset(params["root_dir"], progress=True, **synthetic)
     return FramesDataset.from_config(params, is_train)

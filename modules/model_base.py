@@ -6,6 +6,8 @@ discriminator), so one DistributedDataParallel wrapper covers it: ``forward(batc
 dispatches to the generator or discriminator step, and DDP synchronizes the gradients of whichever
 parameters that step used.
 """
+import dataclasses
+
 import torch
 from torch import nn
 
@@ -105,4 +107,7 @@ def expand_state(state, batch_size):
         return state.expand(batch_size, *state.shape[1:]) if state.shape[:1] == (1,) else state
     if isinstance(state, dict):
         return {k: expand_state(v, batch_size) for k, v in state.items()}
+    if dataclasses.is_dataclass(state) and not isinstance(state, type):  # e.g. FaceCodes
+        return dataclasses.replace(state, **{f.name: expand_state(getattr(state, f.name), batch_size)
+                                             for f in dataclasses.fields(state)})
     return state

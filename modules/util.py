@@ -233,14 +233,17 @@ class ImagePyramid(nn.Module):
 
 
 # --------------------------------------------------------------------- visualization
+def hue_to_rgb(hue):
+    """Hues in [0, 1) (any shape) -> RGB at full saturation and value (shape + (3,))."""
+    channel_offsets = torch.tensor([5.0, 3.0, 1.0], dtype=hue.dtype, device=hue.device)
+    k = (channel_offsets + hue[..., None] * 6) % 6                        # HSV -> RGB, per channel
+    return 1 - torch.clamp(torch.minimum(k, 4 - k), 0, 1)
+
+
 def distinct_colors(count, dtype=torch.float32, device=None):
     """``count x 3`` RGB colours with evenly spaced hues (full saturation and value)."""
     hues = torch.arange(count, dtype=torch.float64) / max(count, 1)
-    sector = hues * 6
-    channel_offsets = torch.tensor([5.0, 3.0, 1.0], dtype=torch.float64)  # HSV -> RGB, per channel
-    k = (channel_offsets[None] + sector[:, None]) % 6
-    rgb = 1 - torch.clamp(torch.minimum(k, 4 - k), 0, 1)
-    return rgb.to(dtype=dtype, device=device)
+    return hue_to_rgb(hues).to(dtype=dtype, device=device)
 
 
 def draw_keypoints(images, kp_value, radius=None):
@@ -283,3 +286,18 @@ __all__ = [
     "relative_keypoints", "RandomTransform", "gaussian_kernel_1d", "AntiAliasDownsample",
     "ImagePyramid", "distinct_colors", "draw_keypoints", "colorize_masks", "gray_to_rgb",
 ]
+
+
+def flow_to_color(flow, max_displacement=None):
+    """A backward flow ``B x H x W x 2`` as an RGB image ``B x 3 x H x W``: the displacement from
+    the identity grid, hue = direction, brightness = length (relative to ``max_displacement``, by
+    default the largest in the batch). No motion is black."""
+    flow = flow.detach()
+    grid = make_coordinate_grid(flow.shape[1], flow.shape[2], dtype=flow.dtype, device=flow.device)
+    displacement = flow - grid[None]
+    length = displacement.norm(dim=-1)
+    scale = max_displacement or float(length.max().clamp_min(1e-6))
+    angle = torch.atan2(displacement[..., 1], displacement[..., 0])        # -pi .. pi
+    rgb = hue_to_rgb((angle / (2 * torch.pi)) % 1.0)
+    value = (length / scale).clamp(0, 1)[..., None]
+    return (rgb * value).permute(0, 3, 1, 2)

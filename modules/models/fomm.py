@@ -90,15 +90,18 @@ class FOMM(AnimationModel):
         self.kp_detector = KPDetector(num_kp=common["num_kp"], num_channels=common["num_channels"],
                                       estimate_jacobian=common["estimate_jacobian"],
                                       **model_params["kp_detector_params"])
-        self.generator = OcclusionAwareGenerator(num_channels=common["num_channels"],
-                                                 num_kp=common["num_kp"],
-                                                 **model_params["generator_params"])
+        self.generator = self.build_generator(model_params)
         self.discriminator = MultiScaleDiscriminator(num_channels=common["num_channels"],
                                                      num_kp=common["num_kp"],
                                                      **model_params["discriminator_params"])
         # Built on the first training step (inference never needs the VGG-19 file) and kept out of
         # the module tree: frozen, loaded from its own file, so not in checkpoints or optimizers.
         object.__setattr__(self, "_perceptual_loss", None)
+
+    def build_generator(self, model_params):
+        common = model_params["common_params"]
+        return OcclusionAwareGenerator(num_channels=common["num_channels"], num_kp=common["num_kp"],
+                                       **model_params["generator_params"])
 
     # ---------------------------------------------------------------- helpers
     @property

@@ -1,0 +1,16 @@
+"""FLAME decoder, asset loaders and the open stand-in head model.
+
+    from flame import FLAME, FaceCodes
+    flame = FLAME.open_head()                      # open stand-in, generated and cached
+    flame = FLAME.from_assets("path/to/flame_dir")  # real FLAME 2020 + DECA files
+    out = flame(FaceCodes.zeros(1))                 # out.vertices, out.landmarks, ...
+"""
+from flame.codes import FaceCodes, full_pose, relative_codes
+from flame.flame import FLAME, FlameOutput, lbs, rodrigues
+from flame.loaders import (RestrictedUnpickler, load_flame_assets, load_flame_model,
+                           load_landmark_embedding, load_obj, load_uv_mask)
+from flame.open_head import default_cache_dir, ensure_open_head
+
+__all__ = ["FaceCodes", "full_pose", "relative_codes", "FLAME", "FlameOutput", "lbs", "rodrigues",
+           "RestrictedUnpickler", "load_flame_assets", "load_flame_model", "load_landmark_embedding",
+           "load_obj", "load_uv_mask", "default_cache_dir", "ensure_open_head"]

@@ -1,0 +1,128 @@
+"""SAFA's 3D face maps (paper section 4.1, eqs. 3-8 and 11; appendix B eqs. 22-24).
+
+Given a source image S with its 3DMM codes Phi_S and the driving codes Phi_D:
+
+* A_{S,tex} = S(Proj(M(alpha_S, beta_S, theta_S), c_S))   per-vertex source colours, eq. 3
+  (bilinear sampling at the projected vertices, occluded ones included, as in the paper)
+* A_{S,n}, A_{D,n}   vertex normals from the neighbouring faces
+* A_m = Proj(M_S, c_S) - Proj(M_D, c_D)                    per-vertex motion, eq. 4
+* I_r = R(M_D, c_D, A_{S,tex})                             3D reenactment, eq. 5
+* I_{n,S} = R(M_S, c_S, A_{S,n})                           source normal map, eq. 6
+* I_{n,D} = R(M(alpha_S, beta_D, theta_D), c_D, A_{D,n})   driving normal map, eq. 7 (source shape,
+  as the paper writes it; ``driving_normal_shape='driving'`` uses alpha_D instead)
+* T_{S<-D,3D} = R(M_D, c_D, A_m) as a backward flow        eq. 8
+* H_3D = I_{n,D}^z - I_{n,S}^z                             the 3D slot's heatmap, eq. 11
+
+Every map is kept only on the face region: the UV face mask (eyes and mouth excluded) sampled at
+the rendered UV coordinates, times visibility. Normals are in camera space (x right, y up, z
+towards the camera; weak perspective does not rotate). The flow is in the project's normalized
+coordinates (``modules.coords``): for each driving pixel z, ``flow_3d(z) = z + A_m(z)``, i.e. the
+source location of the surface point seen at z, inside the face mask, and ``z`` (identity)
+outside it. All outputs are differentiable w.r.t. the codes and the source image.
+"""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from flame.codes import FaceCodes, relative_codes
+from modules.coords import ALIGN_CORNERS, make_coordinate_grid
+from modules.renderer import Renderer, screen_vertices, vertex_normals, weak_perspective
+
+
+def sample_at_points(image, points):
+    """Bilinear colours B x N x C of ``image`` (B x C x H x W) at normalized points B x N x 2."""
+    sampled = F.grid_sample(image, points[:, :, None, :].to(image.dtype), mode="bilinear",
+                            padding_mode="border", align_corners=ALIGN_CORNERS)
+    return sampled[..., 0].permute(0, 2, 1)
+
+
+class FaceMaps(nn.Module):
+    """``FaceMaps(flame, image_size)(source_image, source_codes, driving_codes) -> dict``.
+
+    Output keys (B = batch, H x W = ``image_size``):
+      I_r                B x 3 x H x W   source texture on the driving face, masked (eq. 5)
+      normal_source      B x 3 x H x W   I_{n,S}, masked by the source face mask (eq. 6)
+      normal_driving     B x 3 x H x W   I_{n,D}, masked by the driving face mask (eq. 7)
+      heatmap_3d         B x 1 x H x W   normal_driving.z - normal_source.z (eq. 11)
+      flow_3d            B x H x W x 2   T_{S<-D,3D}, backward flow (eq. 8)
+      face_mask_driving  B x 1 x H x W   {0, 1}
+      face_mask_source   B x 1 x H x W   {0, 1}
+      vertices_source / vertices_driving  B x V x 3
+      landmarks_source / landmarks_driving  B x 68 x 2 (normalized image coordinates)
+    """
+
+    def __init__(self, flame, image_size=64, renderer=None, driving_normal_shape="source",
+                 mask_threshold=0.5):
+        super().__init__()
+        if driving_normal_shape not in ("source", "driving"):
+            raise ValueError("driving_normal_shape must be 'source' (paper eq. 7) or 'driving'")
+        self.flame = flame
+        self.renderer = renderer if renderer is not None else Renderer(flame.faces, image_size)
+        self.image_size = image_size
+        self.driving_normal_shape = driving_normal_shape
+        self.mask_threshold = mask_threshold
+        face_uvs = flame.face_uvs()
+        self.register_buffer("face_uvs", face_uvs, persistent=False)
+        mask = flame.uv_face_mask if face_uvs is not None else None
+        self.register_buffer("uv_face_mask", mask, persistent=False)
+
+    def _size(self):
+        size = self.image_size
+        return (size, size) if isinstance(size, int) else tuple(size)
+
+    def render(self, vertices, cam, attributes):
+        """Rasterize once; returns (attribute maps B x D x H x W, face mask B x 1 x H x W)."""
+        fragments = self.renderer.rasterize(screen_vertices(vertices, cam), self._size())
+        maps = self.renderer.interpolate(fragments, attributes, self.face_uvs)
+        if self.face_uvs is None:                      # no UVs: the whole visible mesh is "face"
+            return maps, fragments.mask
+        uv = maps[:, -2:].permute(0, 2, 3, 1)
+        mask = F.grid_sample(self.uv_face_mask.expand(uv.shape[0], -1, -1, -1).to(uv.dtype), uv,
+                             mode="bilinear", padding_mode="zeros", align_corners=False)
+        mask = (mask * fragments.mask > self.mask_threshold).to(maps.dtype)
+        return maps[:, :-2], mask
+
+    def forward(self, source_image, source_codes: FaceCodes, driving_codes: FaceCodes,
+                driving_reference: FaceCodes = None):
+        """With ``driving_reference`` the driving motion is applied relatively (appendix B:
+        Phi_{S_t} from eq. 22, then eqs. 23-24)."""
+        if driving_reference is not None:
+            driving_codes = relative_codes(source_codes, driving_codes, driving_reference)
+        src, drv = self.flame(source_codes), self.flame(driving_codes)
+        proj_s = weak_perspective(src.vertices, source_codes.cam)          # Proj(M_S, c_S)
+        proj_d = weak_perspective(drv.vertices, driving_codes.cam)         # Proj(M_D, c_D)
+        tex_s = sample_at_points(source_image, proj_s)                      # A_{S,tex}, eq. 3
+        motion = proj_s - proj_d                                            # A_m, eq. 4
+        normals_s = vertex_normals(src.vertices, self.flame.faces)          # A_{S,n}
+        if self.driving_normal_shape == "source":                   # M(alpha_S, beta_D, theta_D)
+            verts_n = self.flame(driving_codes.replace(shape=source_codes.shape)).vertices
+        else:
+            verts_n = drv.vertices
+        normals_d = vertex_normals(verts_n, self.flame.faces)               # A_{D,n}
+
+        same_mesh = self.driving_normal_shape == "driving"              # one rasterization less
+        driving_attributes = [tex_s, motion] + ([normals_d] if same_mesh else [])
+        maps_d, mask_d = self.render(drv.vertices, driving_codes.cam, torch.cat(driving_attributes, -1))
+        normal_s, mask_s = self.render(src.vertices, source_codes.cam, normals_s)
+        if same_mesh:
+            normal_d, mask_nd = maps_d[:, 5:8], mask_d
+        else:
+            normal_d, mask_nd = self.render(verts_n, driving_codes.cam, normals_d)
+        rendered_tex, rendered_motion = maps_d[:, :3], maps_d[:, 3:5]
+        height, width = self._size()
+        grid = make_coordinate_grid(height, width, dtype=motion.dtype, device=motion.device)
+        flow = grid[None] + (rendered_motion * mask_d).permute(0, 2, 3, 1)  # T_{S<-D,3D}, eq. 8
+        normal_s, normal_d = normal_s * mask_s, normal_d * mask_nd
+        return {
+            "I_r": rendered_tex * mask_d,                                   # eq. 5
+            "normal_source": normal_s,                                      # I_{n,S}, eq. 6
+            "normal_driving": normal_d,                                     # I_{n,D}, eq. 7
+            "heatmap_3d": normal_d[:, 2:3] - normal_s[:, 2:3],              # H_3D, eq. 11
+            "flow_3d": flow,
+            "face_mask_driving": mask_d,
+            "face_mask_source": mask_s,
+            "vertices_source": src.vertices,
+            "vertices_driving": drv.vertices,
+            "landmarks_source": weak_perspective(src.landmarks, source_codes.cam),
+            "landmarks_driving": weak_perspective(drv.landmarks, driving_codes.cam),
+        }
