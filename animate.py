@@ -16,6 +16,7 @@ driving video's frame count and fps, and its audio track when it has one.
 """
 import os
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -32,18 +33,53 @@ def model_frame_size(model, config=None):
     return tuple(shape[:2])
 
 
+def normalized_landmarks(points):
+    """68 x 2 landmarks centred on their mean and scaled by the square root of their convex hull's
+    area, so the distance compares expression and pose, not face position or size (FOMM)."""
+    from scipy.spatial import ConvexHull
+    centred = points - points.mean(axis=0)
+    return centred / np.sqrt(ConvexHull(points).volume)  # a 2D hull's volume is its area
+
+
+def landmark_detector(choice):
+    """The detector for ``best_frame_by``: 'landmarks' needs one, 'auto' uses one if it loads."""
+    if choice == "model":
+        return None
+    from evaluation.backends import Backend, first_available
+    detector = first_available("landmarks", ["fan", "dlib"])
+    if isinstance(detector, Backend):
+        return detector
+    if choice == "landmarks":
+        raise FileNotFoundError(f"animate_params.best_frame_by is 'landmarks' but no landmark "
+                                f"detector loads: {detector.reason}")
+    return None
+
+
 @torch.no_grad()
-def find_reference_frame(model, source_state, reader, device, batch_size=8):
-    """Index of the driving frame whose pose descriptor is closest to the source's."""
-    target = model.pose_descriptor(source_state)
+def find_reference_frame(model, source_state, source_array, reader, device, batch_size=8,
+                         detector=None):
+    """Index of the driving frame closest to the source: by normalized face landmarks when a
+    detector finds the source's face, else by the model's pose descriptor (FOMM: keypoints,
+    SAFA: head pose)."""
+    target = None
+    if detector is not None:
+        found = detector(source_array[None])[0]
+        target = normalized_landmarks(found) if np.isfinite(found).all() else None
+    if target is None:
+        target = model.pose_descriptor(source_state)
     best, best_distance = 0, float("inf")
     for start, chunk in _indexed_batches(reader, batch_size):
-        driving = torch.stack([image_to_tensor(f) for f in chunk]).to(device)
-        descriptor = model.pose_descriptor(model.encode_driving(driving))
-        distance = ((descriptor - target) ** 2).sum(dim=1)
-        value, position = distance.min(dim=0)
-        if float(value) < best_distance:
-            best, best_distance = start + int(position), float(value)
+        if isinstance(target, np.ndarray):
+            distances = [float(((normalized_landmarks(p) - target) ** 2).sum())
+                         if np.isfinite(p).all() else float("inf")
+                         for p in detector(np.stack(chunk))]
+        else:
+            driving = torch.stack([image_to_tensor(f) for f in chunk]).to(device)
+            descriptor = model.pose_descriptor(model.encode_driving(driving))
+            distances = ((descriptor - target) ** 2).sum(dim=1).tolist()
+        position = int(np.argmin(distances))
+        if distances[position] < best_distance:
+            best, best_distance = start + position, distances[position]
     return best
 
 
@@ -57,10 +93,12 @@ def _indexed_batches(reader, batch_size):
 @torch.no_grad()
 def animate(model, source_image, driving_video, output_path, relative=True, adapt_scale=False,
             best_frame=None, find_best_frame=False, device=None, batch_size=8, default_fps=25.0,
-            progress=True):
+            progress=True, best_frame_by="auto"):
     """Write ``output_path``; returns a dict with frame count, fps, reference frame and audio flag.
 
     ``source_image`` is a path or an H x W x C uint8 array (any size; gray/RGBA converted).
+    ``best_frame_by``: how ``find_best_frame`` compares frames: 'landmarks' (a face landmark
+    detector), 'model' (the model's pose descriptor) or 'auto' (landmarks when a detector loads).
     """
     device = device or next(model.parameters()).device
     model.eval()
@@ -80,7 +118,8 @@ def animate(model, source_image, driving_video, output_path, relative=True, adap
                              f"{driving_video} (frames 0..{total - 1})")
         reference_index = best_frame
     elif find_best_frame and relative:
-        reference_index = find_reference_frame(model, source_state, reader, device, batch_size)
+        reference_index = find_reference_frame(model, source_state, source_array, reader, device,
+                                               batch_size, landmark_detector(best_frame_by))
     else:
         reference_index = 0
     reference_state = None
@@ -128,7 +167,8 @@ def run_animate(args, config, device):
                              "to animate the test set's pairs)")
         result = args.result_video or os.path.join(out_dir, "result.mp4")
         info = animate(model, args.source_image, args.driving_video, result, relative, adapt,
-                       args.best_frame, find_best, device, params["batch_size"], params["fps"])
+                       args.best_frame, find_best, device, params["batch_size"], params["fps"],
+                       best_frame_by=params["best_frame_by"])
         print(f"animate: {info['frames']} frames at {info['fps']:.2f} fps (reference frame "
               f"{info['reference_frame']}, audio {'kept' if info['audio'] else 'none'}) -> {result}")
         return [info]
@@ -145,6 +185,7 @@ def run_animate(args, config, device):
         results.append(animate(model, source_frame, pair["driving_video"],
                                os.path.join(out_dir, name + params["format"]), relative, adapt,
                                args.best_frame, find_best, device, params["batch_size"],
-                               default_fps=params["fps"], progress=False))
+                               default_fps=params["fps"], progress=False,
+                               best_frame_by=params["best_frame_by"]))
     print(f"animate: {len(results)} pairs -> {out_dir}")
     return results

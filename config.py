@@ -77,8 +77,11 @@ BASE_DEFAULTS = {
         "format": ".mp4",
         "relative": True,
         "adapt_movement_scale": False,
-        # Choose the driving frame closest to the source as the reference for relative motion.
+        # Choose the driving frame closest to the source as the reference for relative motion,
+        # compared by: landmarks (a face landmark detector), model (the model's pose descriptor:
+        # FOMM keypoints, SAFA head pose) or auto (landmarks when a detector loads, else model).
         "find_best_frame": False,
+        "best_frame_by": "auto",
         "batch_size": 8,
         # Used when the driving video has no frame rate of its own (frame folders, stacked images).
         "fps": 25,

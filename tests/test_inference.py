@@ -156,3 +156,29 @@ def test_evaluate_mode_writes_complete_tables(tiny, tmp_path):
     assert "reconstruction" in text and "pairs" in text and checkpoint in text
     markdown = open(os.path.join(out, "metrics.md")).read()
     assert "| fomm |" in markdown or "fomm" in markdown
+
+
+def test_normalized_landmarks_ignore_position_and_size():
+    from animate import normalized_landmarks
+    points = np.random.RandomState(0).rand(68, 2) * 50
+    moved = points * 2.5 + np.array([30.0, -7.0])
+    assert np.allclose(normalized_landmarks(points), normalized_landmarks(moved), atol=1e-9)
+
+
+def test_best_frame_found_by_face_landmarks(tmp_path):
+    """With a landmark detector (dlib, offline), the reference is the driving frame whose
+    normalized landmarks match the source's: here a shifted, enlarged copy of the source face."""
+    import skimage.data
+    from animate import find_reference_frame, landmark_detector
+    from datasets.video_io import resize_frame
+    detector = landmark_detector("landmarks")
+    face = skimage.data.astronaut()[0:256, 110:366]                        # her face, 256 x 256
+    source = resize_frame(face, (128, 128))
+    frames = [resize_frame(np.ascontiguousarray(face[:, ::-1]), (128, 128)),   # mirrored
+              resize_frame(np.rot90(face, 1).copy(), (128, 128)),              # turned over
+              resize_frame(face[10:240, 20:250], (128, 128)),                  # zoomed, shifted
+              resize_frame(np.rot90(face, 3).copy(), (128, 128))]
+    path = write_video(str(tmp_path / "drive"), np.stack(frames))
+    index = find_reference_frame(None, None, source, VideoReader(path, (128, 128)), "cpu",
+                                 batch_size=2, detector=detector)
+    assert index == 2
