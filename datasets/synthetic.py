@@ -416,9 +416,9 @@ def ensure_synthetic_dataset(root, cache_dir=None, progress=False, **params):
     try:
         generate_dataset(tmp, cache_dir=cache_dir, progress=progress, **wanted)
         os.chmod(tmp, 0o755)                               # mkdtemp makes it private
-        if os.path.isdir(root):
-            os.rmdir(root)                                 # an empty placeholder
         try:
+            if os.path.isdir(root) and not os.path.isfile(manifest):
+                os.rmdir(root)                             # an empty placeholder
             os.rename(tmp, root)
         except OSError:                                    # another process finished first
             if not os.path.isfile(manifest):

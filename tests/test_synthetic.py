@@ -161,3 +161,19 @@ def test_generation_speed_at_64px(tmp_path):
                                        test_videos=0, frames=32, progress=False)
     assert stats["frames"] == 128 and stats["fps"] >= 10, stats
     assert time.time() - start < 60
+
+
+def test_concurrent_generation_of_one_dataset(tmp_path):
+    """Two processes asking for the same dataset at once both succeed with one complete copy."""
+    import subprocess
+    import sys
+    root = str(tmp_path / "shared")
+    code = ("import sys; from datasets.synthetic import ensure_synthetic_dataset; "
+            f"ensure_synthetic_dataset({root!r}, size=16, train_videos=1, test_videos=1, frames=3)")
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    procs = [subprocess.Popen([sys.executable, "-c", code], cwd=repo, stderr=subprocess.PIPE,
+                              text=True) for _ in range(2)]
+    for proc in procs:
+        assert proc.wait(timeout=300) == 0, proc.stderr.read()
+    assert os.path.isfile(os.path.join(root, "synthetic_manifest.json"))
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".synthetic_tmp")]
