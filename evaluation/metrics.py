@@ -248,24 +248,20 @@ def keypoint_distance(points_a, points_b):
     return distance
 
 
-class KeypointDistance:
-    """AKD with missing-detection bookkeeping (FOMM's "missing keypoint rate" idea).
-
-    A frame counts only where landmarks were found on both images; the others are excluded from the
-    mean and reported through ``missing_rate``.
-    """
+class NanMean:
+    """Mean of a stream of per-item values, NaN items counted as missing and excluded."""
 
     def __init__(self):
         self.total = 0
         self.missing = 0
         self._sum = 0.0
 
-    def update(self, points_a, points_b):
-        distance = keypoint_distance(points_a, points_b)
-        found = np.isfinite(distance)
-        self.total += distance.size
+    def update(self, values):
+        values = np.asarray(torch.as_tensor(values).detach().cpu().double()).reshape(-1)
+        found = np.isfinite(values)
+        self.total += values.size
         self.missing += int((~found).sum())
-        self._sum += float(distance[found].sum())
+        self._sum += float(values[found].sum())
 
     @property
     def value(self):
@@ -275,6 +271,17 @@ class KeypointDistance:
     @property
     def missing_rate(self):
         return self.missing / self.total if self.total else float("nan")
+
+
+class KeypointDistance(NanMean):
+    """AKD with missing-detection bookkeeping (FOMM's "missing keypoint rate" idea).
+
+    A frame counts only where landmarks were found on both images; the others are excluded from the
+    mean and reported through ``missing_rate``.
+    """
+
+    def update(self, points_a, points_b):
+        super().update(keypoint_distance(points_a, points_b))
 
 
 def landmark_smoothness(points, reduction="sum"):
@@ -324,31 +331,6 @@ def cosine_similarity(embedding_a, embedding_b):
     """Cosine similarity per pair of identity embeddings (CSIM when averaged)."""
     a, b = _embedding_pair(embedding_a, embedding_b, normalize=False)
     return F.cosine_similarity(a, b, dim=1)
-
-
-class NanMean:
-    """Mean of a stream of per-item values, NaN items counted as missing and excluded."""
-
-    def __init__(self):
-        self.total = 0
-        self.missing = 0
-        self._sum = 0.0
-
-    def update(self, values):
-        values = np.asarray(torch.as_tensor(values).detach().cpu().double()).reshape(-1)
-        found = np.isfinite(values)
-        self.total += values.size
-        self.missing += int((~found).sum())
-        self._sum += float(values[found].sum())
-
-    @property
-    def value(self):
-        valid = self.total - self.missing
-        return self._sum / valid if valid else float("nan")
-
-    @property
-    def missing_rate(self):
-        return self.missing / self.total if self.total else float("nan")
 
 
 # --------------------------------------------------------------------------- 3DMM codes
