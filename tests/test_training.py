@@ -132,3 +132,27 @@ def test_ddp_two_processes_match_one_process_gradients(tiny_dataset):
     assert set(distributed) == set(single)
     for name, grad in single.items():
         torch.testing.assert_close(distributed[name], grad, rtol=1e-7, atol=1e-9, msg=name)
+
+
+def test_run_py_two_cpu_processes_train_and_resume(tiny_dataset, tmp_path):
+    """`run.py --device_ids 0,1` without CUDA spawns 2 gloo processes; rank 0 alone writes the
+    run folder; re-running the named run resumes from its checkpoint."""
+    import subprocess
+    import sys
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    sets = [f"dataset_params.root_dir={tiny_dataset}", *TINY, "train_params.max_steps=2",
+            "train_params.batch_size=4"]
+    command = [sys.executable, os.path.join(repo, "run.py"), "--config", "tiny-fomm", "--mode",
+               "train", "--device_ids", "0,1", "--log_dir", str(tmp_path), "--run_name", "ddp",
+               *sum((["--set", s] for s in sets), [])]
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    first = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    assert first.returncode == 0, first.stderr[-3000:]
+    state = load_checkpoint(str(tmp_path / "ddp" / "checkpoint_latest.pth"))
+    assert state["step"] == 2
+    again = subprocess.run(command + ["--set", "train_params.max_steps=3"], capture_output=True,
+                           text=True, timeout=600, env=env)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resuming from" in again.stdout
+    assert load_checkpoint(str(tmp_path / "ddp" / "checkpoint_latest.pth"))["step"] == 3
