@@ -52,3 +52,11 @@ def tiny_dataset(tmp_path):
                 name = f"{identity}#vid{clip}#000"
                 write_video(str(root / split / name), moving_square_frames(6, 32, seed=i * 7 + clip))
     return str(root)
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory):
+    """A small synthetic talking-head dataset (32x32) with landmark and FLAME sidecars."""
+    from datasets.synthetic import ensure_synthetic_dataset
+    root = str(tmp_path_factory.mktemp("synthetic") / "synthetic-32")
+    return ensure_synthetic_dataset(root, size=32, train_videos=4, test_videos=2, frames=6, seed=3)

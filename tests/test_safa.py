@@ -21,14 +21,6 @@ SMALL = ["dataset_params.frame_shape=[32, 32, 3]", "dataset_params.synthetic=nul
          "train_params.batch_size=2", "train_params.num_repeats=2"]
 
 
-@pytest.fixture(scope="module")
-def synthetic_root(tmp_path_factory):
-    """A small synthetic talking-head dataset (32x32) with landmark and FLAME sidecars."""
-    from datasets.synthetic import ensure_synthetic_dataset
-    root = str(tmp_path_factory.mktemp("synthetic") / "synthetic-32")
-    return ensure_synthetic_dataset(root, size=32, train_videos=4, test_videos=2, frames=6, seed=3)
-
-
 def safa_config(root, *extra):
     return cfg.load_config("tiny-safa.yaml", [f"dataset_params.root_dir={root}", *SMALL, *extra])
 
