@@ -52,13 +52,13 @@ def vgg19_feature_layers():
     return torchvision.models.vgg19(weights=None).features
 
 
-def load_vgg19_features(weights_path=None, pretrained=True):
+def load_vgg19_features(weights_path=None, imagenet=True):
     """VGG-19 conv layers with ImageNet weights from ``weights_path`` or the torch hub cache.
 
-    ``pretrained=False`` keeps torchvision's random initialization (no file needed).
+    ``imagenet=False`` keeps torchvision's random initialization (no file needed).
     Raises ``FileNotFoundError`` naming the expected path when the weights are missing.
     """
-    if not pretrained:
+    if not imagenet:
         # A fixed random network (its own seed, the global RNG untouched), so the loss is the same
         # function in every run and a resumed run continues exactly.
         with torch.random.fork_rng(devices=[]):
@@ -78,9 +78,9 @@ def load_vgg19_features(weights_path=None, pretrained=True):
 class Vgg19Features(nn.Module):
     """Frozen VGG-19 returning relu1_1, relu2_1, relu3_1, relu4_1, relu5_1 of an image in [0, 1]."""
 
-    def __init__(self, weights_path=None, pretrained=True):
+    def __init__(self, weights_path=None, imagenet=True):
         super().__init__()
-        layers = load_vgg19_features(weights_path, pretrained)
+        layers = load_vgg19_features(weights_path, imagenet)
         starts = (0,) + VGG19_SLICE_ENDS[:-1]
         self.slices = nn.ModuleList(nn.Sequential(*layers[start:end])
                                     for start, end in zip(starts, VGG19_SLICE_ENDS))
@@ -109,14 +109,14 @@ class PerceptualPyramidLoss(nn.Module):
     ``[1, 0.5, 0.25, 0.125]``. The target's features carry no gradient.
     """
 
-    def __init__(self, scales, layer_weights, weights_path=None, pretrained=True):
+    def __init__(self, scales, layer_weights, weights_path=None, imagenet=True):
         super().__init__()
         if len(layer_weights) != len(VGG19_SLICE_ENDS):
             raise ValueError(f"perceptual loss weights need one value per VGG-19 slice "
                              f"({len(VGG19_SLICE_ENDS)}), got {list(layer_weights)}")
         self.layer_weights = [float(w) for w in layer_weights]
         self.pyramid = ImagePyramid(scales)
-        self.vgg = Vgg19Features(weights_path, pretrained)
+        self.vgg = Vgg19Features(weights_path, imagenet)
 
     def forward(self, prediction, target):
         predicted, real = self.pyramid(prediction), self.pyramid(target)
@@ -153,7 +153,7 @@ def build_perceptual_loss(train_params):
         return None
     return PerceptualPyramidLoss(train_params["scales"], layer_weights,
                                  weights_path=train_params.get("perceptual_weights_path"),
-                                 pretrained=train_params.get("perceptual_pretrained", True))
+                                 imagenet=train_params.get("perceptual_pretrained", True))
 
 
 # ----------------------------------------------------------------------------- GAN

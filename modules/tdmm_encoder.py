@@ -89,14 +89,14 @@ def missing_weights_message():
             f"initialization instead, set allow_random_init: true.")
 
 
-def build_backbone(pretrained, weights_path, allow_random_init):
+def build_backbone(imagenet, weights_path, allow_random_init):
     """torchvision MobileNetV2 ``features`` (the classifier is dropped); ImageNet weights if found.
 
     Returns ``(features, loaded_path or None)``.
     """
     network = mobilenet_v2(weights=None)
-    path = find_mobilenet_weights(weights_path) if pretrained else None
-    if pretrained and path is None and not allow_random_init:
+    path = find_mobilenet_weights(weights_path) if imagenet else None
+    if imagenet and path is None and not allow_random_init:
         raise FileNotFoundError(missing_weights_message())
     if path is not None:
         network.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
@@ -122,7 +122,7 @@ class TDMMEncoder(nn.Module):
         n_shape, n_exp, n_pose: code sizes (SAFA: 100, 50, 6).
         dropout: dropout before the linear head (0.2).
         initial_scale: offset added to the scale output (10).
-        pretrained: start the backbone from ImageNet weights (True).
+        imagenet: start the backbone from ImageNet weights (True).
         weights_path: explicit path of ``mobilenet_v2-b0353104.pth`` (optional).
         allow_random_init: when the weights are not found, initialize randomly instead of raising.
         imagenet_normalize: apply the ImageNet mean/std to the [0, 1] input (True).
@@ -135,14 +135,14 @@ class TDMMEncoder(nn.Module):
     """
 
     def __init__(self, n_shape=100, n_exp=50, n_pose=6, dropout=0.2, initial_scale=10.0,
-                 pretrained=True, weights_path=None, allow_random_init=False,
+                 imagenet=True, weights_path=None, allow_random_init=False,
                  imagenet_normalize=True, freeze_bn_stats=False):
         super().__init__()
         self.sizes = {"shape": n_shape, "exp": n_exp, "pose": n_pose, "cam": CAMERA_DIM}
         self.initial_scale = float(initial_scale)
         self.imagenet_normalize = imagenet_normalize
         self.freeze_bn_stats = freeze_bn_stats
-        self.backbone, self.loaded_weights = build_backbone(pretrained, weights_path,
+        self.backbone, self.loaded_weights = build_backbone(imagenet, weights_path,
                                                             allow_random_init)
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(FEATURE_DIM, sum(self.sizes.values()))

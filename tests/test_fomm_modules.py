@@ -394,7 +394,7 @@ def test_perceptual_random_init_flag(empty_hub):
     value.backward()
     assert value > 0 and prediction.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="relu5_1"):
-        PerceptualPyramidLoss([0.25], [1.0] * 5, pretrained=False)(image, image)
+        PerceptualPyramidLoss([0.25], [1.0] * 5, imagenet=False)(image, image)
 
 
 # ----------------------------------------------------------------------------- FOMM model

@@ -287,7 +287,7 @@ def test_encoder_missing_weights_error_names_the_file(no_weights_anywhere):
     assert expected in str(error.value) and "allow_random_init" in str(error.value)
     with pytest.raises(FileNotFoundError, match="nowhere.pth"):
         TDMMEncoder(weights_path=str(no_weights_anywhere / "nowhere.pth"), allow_random_init=True)
-    assert TDMMEncoder(pretrained=False).loaded_weights is None
+    assert TDMMEncoder(imagenet=False).loaded_weights is None
 
 
 @needs_offline_weights
@@ -296,7 +296,7 @@ def test_encoder_loads_imagenet_weights_from_offline_package(no_weights_anywhere
     torch.manual_seed(0)
     pretrained = TDMMEncoder().eval()
     assert pretrained.loaded_weights == OFFLINE_WEIGHTS
-    random = TDMMEncoder(pretrained=False).eval()
+    random = TDMMEncoder(imagenet=False).eval()
     images = torch.rand(1, 3, 32, 32)
     with torch.no_grad():
         difference = (pretrained(images).feature - random(images).feature).abs().mean()
@@ -316,7 +316,7 @@ def test_encoder_finds_weights_in_torch_hub_cache(no_weights_anywhere):
 
 
 def test_encoder_frozen_batchnorm_statistics(no_weights_anywhere):
-    encoder = TDMMEncoder(pretrained=False, freeze_bn_stats=True).train()
+    encoder = TDMMEncoder(imagenet=False, freeze_bn_stats=True).train()
     norms = [m for m in encoder.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     assert norms and not any(m.training for m in norms) and encoder.dropout.training
     before = norms[0].running_mean.clone()
@@ -324,6 +324,6 @@ def test_encoder_frozen_batchnorm_statistics(no_weights_anywhere):
     assert torch.equal(norms[0].running_mean, before)
     codes.to_vector().sum().backward()                            # still trainable
     assert encoder.head.weight.grad is not None
-    unfrozen = TDMMEncoder(pretrained=False).train()
+    unfrozen = TDMMEncoder(imagenet=False).train()
     assert all(m.training for m in unfrozen.backbone.modules()
                if isinstance(m, torch.nn.BatchNorm2d))

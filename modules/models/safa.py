@@ -53,7 +53,7 @@ def build_flame(flame_params):
 def build_tdmm_encoder(tdmm_params, flame_params):
     return TDMMEncoder(n_shape=flame_params["n_shape"], n_exp=flame_params["n_exp"],
                        n_pose=tdmm_params["n_pose"], dropout=tdmm_params["dropout"],
-                       pretrained=tdmm_params["imagenet_init"],
+                       imagenet=tdmm_params["imagenet_init"],
                        weights_path=tdmm_params["imagenet_weights_path"],
                        freeze_bn_stats=tdmm_params["freeze_bn_stats"])
 
