@@ -100,6 +100,7 @@ BASE_DEFAULTS = {
         "arcface_path": None,           # ONNX ArcFace-style identity network (AEID/CSIM)
         "fid_inception_path": None,     # pytorch-fid's pt_inception-2015-12-05 weights
     },
+    # radius in pixels of the keypoint dots in the visual grids
     "visualizer_params": {"kp_size": 3},
 }
 
@@ -126,7 +127,7 @@ def _type_name(value):
 
 
 def _check_type(key, default, value):
-    if default is None or value is None and default is None:
+    if default is None:
         return value
     if isinstance(default, bool):
         ok = isinstance(value, bool)

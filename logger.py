@@ -58,10 +58,9 @@ def load_checkpoint(path, map_location="cpu"):
 
 
 class Logger:
-    def __init__(self, log_dir, config=None, enabled=True, visualizer_params=None):
+    def __init__(self, log_dir, config=None, enabled=True):
         self.log_dir = log_dir
         self.enabled = enabled
-        self.visualizer_params = visualizer_params or {}
         self._writer = None
         if not enabled:
             return

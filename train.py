@@ -188,8 +188,7 @@ def train(config, model, dataset, log_dir, checkpoint_path=None, device="cpu", r
                         num_workers=train_params["num_workers"], pin_memory=str(device) != "cpu",
                         generator=torch.Generator().manual_seed(seed),
                         persistent_workers=False)
-    logger = Logger(log_dir, config, enabled=rank == 0,
-                    visualizer_params=config["visualizer_params"])
+    logger = Logger(log_dir, config, enabled=rank == 0)
     last_checkpoint = checkpoint_path
     max_steps = train_params["max_steps"]
     steps_per_epoch = len(sampler) // batch_size

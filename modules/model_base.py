@@ -75,6 +75,11 @@ class AnimationModel(nn.Module):
         """B x D tensor whose distance picks the reference frame closest to the source."""
         raise NotImplementedError
 
+    @property
+    def kp_radius(self):
+        """Radius in pixels of the keypoint dots in visual grids (``visualizer_params.kp_size``)."""
+        return self.config.get("visualizer_params", {}).get("kp_size")
+
     def visuals(self, batch, generated):
         """List of ``(title, B x 3 x H x W tensor in [0, 1])`` columns for the logger's grid."""
         return [("source", batch["source"]), ("driving", batch["driving"]),

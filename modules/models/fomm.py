@@ -226,8 +226,9 @@ class FOMM(AnimationModel):
     def visuals(self, batch, generated):
         source, driving = batch["source"], batch["driving"]
         size = source.shape[-2:]
-        columns = [("source", draw_keypoints(source, generated["kp_source"]["value"])),
-                   ("driving", draw_keypoints(driving, generated["kp_driving"]["value"])),
+        radius = self.kp_radius
+        columns = [("source", draw_keypoints(source, generated["kp_source"]["value"], radius)),
+                   ("driving", draw_keypoints(driving, generated["kp_driving"]["value"], radius)),
                    ("prediction", generated["prediction"].detach())]
         if "deformed" in generated:
             columns.append(("deformed", generated["deformed"].detach()))

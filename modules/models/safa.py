@@ -300,8 +300,9 @@ class SAFA(FOMM):
         masks (background black, 3D face white, keypoints coloured), T_3D and the dense flow."""
         source, driving = batch["source"], batch["driving"]
         size = source.shape[-2:]
-        columns = [("source", draw_keypoints(source, generated["kp_source"]["value"])),
-                   ("driving", draw_keypoints(driving, generated["kp_driving"]["value"])),
+        radius = self.kp_radius
+        columns = [("source", draw_keypoints(source, generated["kp_source"]["value"], radius)),
+                   ("driving", draw_keypoints(driving, generated["kp_driving"]["value"], radius)),
                    ("prediction", generated["prediction"].detach())]
         maps = generated["occlusion_maps"]
         columns.append(("O_g", gray_to_rgb(maps[:, :1], size)))
