@@ -162,10 +162,10 @@ def train(config, model, dataset, log_dir, checkpoint_path=None, device="cpu", r
     if checkpoint_path:
         checkpoint = load_checkpoint(checkpoint_path, map_location=device)
         restore_model(model, checkpoint, checkpoint_path)
-        for name, opt in optimizers.items():
-            opt.load_state_dict(checkpoint["optimizers"][name])
-        for name, sched in schedulers.items():
-            sched.load_state_dict(checkpoint["schedulers"][name])
+        for name, opt in optimizers.items():  # a group new to this config starts fresh
+            if name in checkpoint["optimizers"]:
+                opt.load_state_dict(checkpoint["optimizers"][name])
+                schedulers[name].load_state_dict(checkpoint["schedulers"][name])
         start_epoch, step = checkpoint["epoch"], checkpoint["step"]
         skip_batches = checkpoint["batch_in_epoch"]
         set_rng_state(checkpoint["rng"])

@@ -80,7 +80,6 @@ class FOMM(AnimationModel):
         # false = use a randomly initialized VGG-19 (tests and smoke runs only; no file needed).
         "perceptual_pretrained": True,
     }
-    discriminator_groups = ("discriminator",)
 
     def __init__(self, config):
         super().__init__(config)
@@ -122,9 +121,15 @@ class FOMM(AnimationModel):
         return self._perceptual_loss
 
     def optimizer_groups(self):
-        return {"generator": list(self.generator.parameters()),
-                "kp_detector": list(self.kp_detector.parameters()),
-                "discriminator": list(self.discriminator.parameters())}
+        groups = {"generator": list(self.generator.parameters()),
+                  "kp_detector": list(self.kp_detector.parameters())}
+        if self.adversarial:  # without GAN losses the discriminator is never trained
+            groups["discriminator"] = list(self.discriminator.parameters())
+        return groups
+
+    @property
+    def discriminator_groups(self):
+        return ("discriminator",) if self.adversarial else ()
 
     # ---------------------------------------------------------------- training
     def generator_step(self, batch):
