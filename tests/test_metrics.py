@@ -246,6 +246,7 @@ def test_fan_and_sfd_backends_run_from_hub_files(empty_hub):
     os.makedirs(empty_hub)
     torch.manual_seed(0)
     torch.save(s3fd().state_dict(), os.path.join(empty_hub, "s3fd-619a316812.pth"))
+    # face-alignment's own file name (a plain torch file despite the suffix): it must match
     torch.save(FAN(4).state_dict(), os.path.join(empty_hub, "2DFAN4-11f355bf06.pth.tar"))
     landmarks = load_backend("landmarks", "fan")
     assert isinstance(landmarks, Backend), landmarks

@@ -228,13 +228,18 @@ class FOMM(AnimationModel):
     def pose_descriptor(self, state):
         return state["kp"]["value"].flatten(1)
 
-    def visuals(self, batch, generated):
-        source, driving = batch["source"], batch["driving"]
-        size = source.shape[-2:]
+    def keypoint_columns(self, batch, generated):
+        """The first grid columns of every keypoint model: source and driving with their
+        keypoints, and the prediction."""
         radius = self.kp_radius
-        columns = [("source", draw_keypoints(source, generated["kp_source"]["value"], radius)),
-                   ("driving", draw_keypoints(driving, generated["kp_driving"]["value"], radius)),
-                   ("prediction", generated["prediction"].detach())]
+        return [("source", draw_keypoints(batch["source"], generated["kp_source"]["value"], radius)),
+                ("driving", draw_keypoints(batch["driving"], generated["kp_driving"]["value"],
+                                           radius)),
+                ("prediction", generated["prediction"].detach())]
+
+    def visuals(self, batch, generated):
+        size = batch["source"].shape[-2:]
+        columns = self.keypoint_columns(batch, generated)
         if "deformed" in generated:
             columns.append(("deformed", generated["deformed"].detach()))
         if "occlusion_map" in generated:

@@ -30,8 +30,7 @@ from modules.models.fomm import FOMM
 from modules.registry import register_model
 from modules.renderer import weak_perspective
 from modules.tdmm_encoder import TDMMEncoder
-from modules.util import colorize_masks, draw_keypoints, flow_to_color, gray_to_rgb, \
-    relative_keypoints
+from modules.util import colorize_masks, flow_to_color, gray_to_rgb, relative_keypoints
 
 
 def deep_update(base, changes):
@@ -298,12 +297,8 @@ class SAFA(FOMM):
     def visuals(self, batch, generated):
         """Seed 000 figure 7: source/driving with keypoints, prediction, O_g, O_ca, I_r, the K+2
         masks (background black, 3D face white, keypoints coloured), T_3D and the dense flow."""
-        source, driving = batch["source"], batch["driving"]
-        size = source.shape[-2:]
-        radius = self.kp_radius
-        columns = [("source", draw_keypoints(source, generated["kp_source"]["value"], radius)),
-                   ("driving", draw_keypoints(driving, generated["kp_driving"]["value"], radius)),
-                   ("prediction", generated["prediction"].detach())]
+        size = batch["source"].shape[-2:]
+        columns = self.keypoint_columns(batch, generated)
         maps = generated["occlusion_maps"]
         columns.append(("O_g", gray_to_rgb(maps[:, :1], size)))
         if maps.shape[1] > 1:
