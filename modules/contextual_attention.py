@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from modules.blocks import SameBlock2d, make_norm
-from modules.generator import resize_map
+from modules.coords import resize_map
 
 
 # ----------------------------------------------------------------------------- helpers

@@ -48,6 +48,13 @@ def resize_flow(flow, size):
     return resized.permute(0, 2, 3, 1)
 
 
+def resize_map(values, size):
+    """A ``B x C x h x w`` map bilinearly resized to ``size`` (no-op when it already fits)."""
+    if tuple(values.shape[-2:]) == tuple(size):
+        return values
+    return F.interpolate(values, size=tuple(size), mode="bilinear", align_corners=ALIGN_CORNERS)
+
+
 def warp(image, flow, padding_mode="zeros"):
     """Backward-warp ``image`` (B x C x h x w) with ``flow`` (B x H x W x 2, normalized coords).
 

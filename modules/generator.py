@@ -14,19 +14,11 @@ SAFA subclasses this: it warps without occlusion at the top level, applies GADE 
 (``skip_connections=True``).
 """
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from modules.blocks import DownBlock2d, ResBlock2d, SameBlock2d, UpBlock2d, level_channels
-from modules.coords import ALIGN_CORNERS, warp
+from modules.coords import resize_map, warp
 from modules.dense_motion import DenseMotionNetwork
-
-
-def resize_map(values, size):
-    """A ``B x C x h x w`` map bilinearly resized to ``size`` (no-op when it already fits)."""
-    if tuple(values.shape[-2:]) == tuple(size):
-        return values
-    return F.interpolate(values, size=size, mode="bilinear", align_corners=ALIGN_CORNERS)
 
 
 class OcclusionAwareGenerator(nn.Module):

@@ -208,20 +208,3 @@ __all__ = [
     "lsgan_discriminator_loss", "feature_matching_loss", "equivariance_value_loss",
     "equivariance_jacobian_loss",
 ]
-
-
-# ----------------------------------------------------------------------------- 3DMM (SAFA eq. 18)
-def landmark_reprojection_loss(projected, target):
-    """Eq. 18's first term: per sample, the sum over the 68 landmarks of ``|k_i - c(l_i)|_1``
-    (normalized image coordinates), averaged over the batch. Landmarks marked missing in the
-    sidecar (NaN rows: no face detected) are left out; a batch with none valid gives 0."""
-    valid = torch.isfinite(target).all(dim=-1)                          # B x 68
-    distance = (projected - torch.nan_to_num(target)).abs().sum(dim=-1)  # B x 68
-    total = (distance * valid).sum()
-    return total / projected.shape[0]
-
-
-def code_regularization(codes, shape_weight, exp_weight):
-    """Eq. 18's L2 terms: ``lambda_alpha ||alpha||^2 + lambda_beta ||beta||^2``, batch mean."""
-    return (shape_weight * (codes.shape ** 2).sum(dim=1)
-            + exp_weight * (codes.exp ** 2).sum(dim=1)).mean()

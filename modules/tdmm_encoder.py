@@ -152,6 +152,7 @@ class TDMMEncoder(nn.Module):
                              persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1),
                              persistent=False)
+        self.train()  # a new module is in training mode: apply freeze_bn_stats from the start
 
     @property
     def code_dim(self):

@@ -9,7 +9,8 @@ from flame.codes import FaceCodes
 from modules import tdmm_encoder
 from modules.contextual_attention import (ContextualAttention, ContextualAttentionModule,
                                           propagate_scores)
-from modules.gade import GADE, CodeNormalizer
+from modules.face_kit import CodeNormalizer
+from modules.norms import GADE
 from modules.tdmm_encoder import MOBILENET_V2_FILENAME, TDMMEncoder
 
 
@@ -146,13 +147,14 @@ def test_code_normalizer_divides_shape_exp_and_scale_only():
     assert "shape_norm" in normalizer.state_dict()
 
 
-def test_code_normalizer_estimates_over_batches_and_dicts():
+def test_code_normalizer_estimates_over_batches():
     batches = [random_codes(2, torch.Generator().manual_seed(i)) for i in range(3)]
-    dict_batches = [{name: value for name, value in codes.fields()} for codes in batches]
-    normalizer = CodeNormalizer().estimate(iter(dict_batches))
+    normalizer = CodeNormalizer().estimate(iter(batches))
     everything = FaceCodes.cat(batches)
     torch.testing.assert_close(normalizer.exp_norm, everything.exp.norm(dim=1).mean())
-    torch.testing.assert_close(normalizer(dict_batches[0]), normalizer(batches[0]))
+    torch.testing.assert_close(normalizer.shape_norm, everything.shape.norm(dim=1).mean())
+    expected_exp = batches[0].exp / everything.exp.norm(dim=1).mean()
+    torch.testing.assert_close(normalizer(batches[0])[:, 100:150], expected_exp)
     zero = FaceCodes.zeros(2)
     assert CodeNormalizer().estimate(zero).shape_norm == 1.0     # no division by zero
 

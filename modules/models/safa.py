@@ -17,19 +17,14 @@ import copy
 import torch
 
 from flame.codes import relative_codes
-from flame.flame import FLAME
-from logger import load_checkpoint
-from modules.contextual_attention import ContextualAttentionModule
-from modules.dense_motion import ExtraMotion
+from modules.coords import resize_map
+from modules.face_kit import (FLAME_PARAMS, TDMM_LOSS_WEIGHTS, TDMM_PARAMS, CodeNormalizer,
+                              build_face_model, build_tdmm_encoder, load_pretrained_tdmm, tdmm_loss)
 from modules.face_maps import FaceMaps
-from modules.gade import GADE, CodeNormalizer
-from modules.generator import OcclusionAwareGenerator, resize_map
-from modules.losses import code_regularization, landmark_reprojection_loss
 from modules.model_base import expand_state
 from modules.models.fomm import FOMM
 from modules.registry import register_model
-from modules.renderer import weak_perspective
-from modules.tdmm_encoder import TDMMEncoder
+from modules.safa_generator import SAFAGenerator
 from modules.util import colorize_masks, flow_to_color, gray_to_rgb, relative_keypoints
 
 
@@ -39,102 +34,6 @@ def deep_update(base, changes):
         out[key] = deep_update(out[key], value) if isinstance(value, dict) and \
             isinstance(out.get(key), dict) and out[key] else copy.deepcopy(value)
     return out
-
-
-def build_flame(flame_params):
-    """The real FLAME files when ``model_dir`` is set (DESIGN.md section 6), else the open head."""
-    if flame_params["model_dir"]:
-        return FLAME.from_assets(flame_params["model_dir"], n_shape=flame_params["n_shape"],
-                                 n_exp=flame_params["n_exp"])
-    return FLAME.open_head(n_shape=flame_params["n_shape"], n_exp=flame_params["n_exp"])
-
-
-def build_tdmm_encoder(tdmm_params, flame_params):
-    return TDMMEncoder(n_shape=flame_params["n_shape"], n_exp=flame_params["n_exp"],
-                       n_pose=tdmm_params["n_pose"], dropout=tdmm_params["dropout"],
-                       imagenet=tdmm_params["imagenet_init"],
-                       weights_path=tdmm_params["imagenet_weights_path"],
-                       freeze_bn_stats=tdmm_params["freeze_bn_stats"])
-
-
-TDMM_PARAMS = {
-    "n_pose": 6,                     # global rotation 3 + jaw 3 (neck and eyes zero)
-    "dropout": 0.2,
-    "imagenet_init": True,           # MobileNetV2 ImageNet weights (torch hub cache / the path below)
-    "imagenet_weights_path": None,
-    "freeze_bn_stats": True,         # the authors' code freezes the pretrained encoder's BN statistics
-    "checkpoint": None,              # a 'tdmm' pretraining checkpoint (configs/pretrain-3dmm.yaml)
-}
-FLAME_PARAMS = {
-    "model_dir": None,               # DECA's data folder + FLAME 2020 files; None = open head model
-    "n_shape": 100,
-    "n_exp": 50,
-}
-TDMM_LOSS_WEIGHTS = {
-    "tdmm": 1.0,                     # lambda_3DMM (eq. 20)
-    "shape_regularization": 1.0e-2,  # lambda_alpha (eq. 18)
-    "expression_regularization": 8.0e-3,  # lambda_beta
-}
-
-
-def tdmm_loss(flame, codes, landmarks, weights):
-    """SAFA eq. 18 for one batch of frames (unweighted by lambda_3DMM)."""
-    projected = weak_perspective(flame(codes).landmarks, codes.cam)       # c(l_i)
-    return landmark_reprojection_loss(projected, landmarks) + code_regularization(
-        codes, weights["shape_regularization"], weights["expression_regularization"])
-
-
-def load_pretrained_tdmm(path, encoder, normalizer=None):
-    """Weights of a 'tdmm' pretraining checkpoint (and its average code norms for GADE)."""
-    state = load_checkpoint(path)
-    if state.get("model") != "tdmm":
-        raise ValueError(f"tdmm_params.checkpoint {path} holds a {state.get('model')!r} model; it "
-                         "must come from a 'tdmm' pretraining run (configs/pretrain-3dmm.yaml)")
-    weights = state["state_dict"]
-    encoder.load_state_dict({k[len("encoder."):]: v for k, v in weights.items()
-                             if k.startswith("encoder.")})
-    if normalizer is not None:
-        normalizer.load_state_dict({k[len("code_normalizer."):]: v for k, v in weights.items()
-                                    if k.startswith("code_normalizer.")})
-
-
-class SAFAGenerator(OcclusionAwareGenerator):
-    """U-Net occlusion-aware generator (section 4.4): encoder, warp, GADE with O_g, residual
-    bottleneck, contextual attention with O_ca plus the dilated branch, decoder with warped skips."""
-
-    def __init__(self, num_channels=3, num_kp=10, use_3d_motion=True, use_contextual_attention=True,
-                 use_gade=True, condition_dim=159, gade_params=None, contextual_attention_params=None,
-                 dense_motion_params=None, **generator_params):
-        dense_motion_params = dict(dense_motion_params or {}, num_extra_motions=int(use_3d_motion),
-                                   num_occlusion_maps=2 if use_contextual_attention else 1)
-        super().__init__(num_channels, num_kp, dense_motion_params=dense_motion_params,
-                         skip_connections=True, **generator_params)
-        self.use_3d_motion = use_3d_motion
-        top = self.channels[-1]
-        self.gade = GADE(top, condition_dim, **(gade_params or {})) if use_gade else None
-        self.contextual_attention = ContextualAttentionModule(
-            top, **(contextual_attention_params or {})) if use_contextual_attention else None
-
-    def forward(self, source_image, kp_driving, kp_source, face3d=None, condition=None):
-        extra = None
-        if self.use_3d_motion:  # the 3D face slot: T_{S<-D,3D}, H_3D (eq. 11), deformed source I_r
-            extra = [ExtraMotion(flow=face3d["flow_3d"], heatmap=face3d["heatmap_3d"],
-                                 deformed=face3d["I_r"])]
-        motion = self.estimate_motion(source_image, kp_driving, kp_source, extra)
-        occlusion = motion["occlusion_maps"]
-        occlusion_g = occlusion[:, :1]                                    # O_g
-        features = self.encode(source_image)
-        flow = motion["deformation"]                                      # T_hat, eq. 12
-        skips = [self.occlude(self.warp_feature(f, flow), occlusion_g) for f in features[:-1]]
-        top = self.warp_feature(features[-1], flow)                       # F_w
-        if self.gade is not None:
-            top = self.gade(top, condition, occlusion_g)                  # F_out, eq. 14
-        else:
-            top = self.occlude(top, occlusion_g)                          # FOMM: F_w * O_g
-        x = self.bottleneck(top)
-        if self.contextual_attention is not None:
-            x = self.contextual_attention(x, resize_map(occlusion[:, 1:2], x.shape[-2:]))  # O_ca
-        return self.outputs(source_image, motion, self.decode(x, skips))
 
 
 @register_model("safa")
@@ -171,7 +70,7 @@ class SAFA(FOMM):
         self.safa_params = config["model_params"]["safa_params"]
         super().__init__(config)
         model_params = config["model_params"]
-        flame = build_flame(model_params["flame_params"])
+        flame = build_face_model(model_params["flame_params"])
         size = self.safa_params["render_size"] or config["dataset_params"]["frame_shape"][0]
         self.face_maps = FaceMaps(flame, image_size=size)
         self.tdmm = build_tdmm_encoder(model_params["tdmm_params"], model_params["flame_params"])

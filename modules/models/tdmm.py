@@ -8,10 +8,9 @@ with the average code norms GADE divides by (section 4.4.1), tracked here over t
 """
 import torch
 
-from modules.gade import CodeNormalizer
+from modules.face_kit import (FLAME_PARAMS, TDMM_LOSS_WEIGHTS, TDMM_PARAMS, CodeNormalizer,
+                              build_face_model, build_tdmm_encoder, tdmm_loss)
 from modules.model_base import AnimationModel
-from modules.models.safa import (FLAME_PARAMS, TDMM_LOSS_WEIGHTS, TDMM_PARAMS, build_flame,
-                                 build_tdmm_encoder, tdmm_loss)
 from modules.registry import register_model
 from modules.renderer import weak_perspective
 from modules.util import draw_keypoints
@@ -31,7 +30,7 @@ class TDMMPretrain(AnimationModel):
         model_params = config["model_params"]
         tdmm_params = dict(model_params["tdmm_params"], freeze_bn_stats=False)
         self.encoder = build_tdmm_encoder(tdmm_params, model_params["flame_params"])
-        self.flame = build_flame(model_params["flame_params"])
+        self.flame = build_face_model(model_params["flame_params"])
         self.code_normalizer = CodeNormalizer()
         self.loss_weights = config["train_params"]["loss_weights"]
 

@@ -1,0 +1,149 @@
+"""The 3D-face kit every 3DMM-based model imports: codes, face model, encoder, losses, loading.
+
+- ``FaceCodes``: the one codes type, from the encoder, the sidecars and the losses alike.
+- ``build_face_model(flame_params)``: FLAME from its files, or the open stand-in head.
+- ``build_tdmm_encoder(tdmm_params, flame_params)``: the MobileNetV2 regressor of codes.
+- ``tdmm_loss``: SAFA's eq. 18 (landmark reprojection + code regularization).
+- ``load_pretrained_tdmm``: a 'tdmm' pretraining checkpoint into an encoder (+ code norms).
+- ``CodeNormalizer``: codes flattened and normalized for GADE (SAFA section 4.4.1).
+
+The defaults below are the config sections these models share (``tdmm_params``,
+``flame_params``, the 3DMM loss weights), so every model declares them the same way.
+"""
+import torch
+from torch import nn
+
+from flame.codes import FaceCodes
+from flame.flame import FLAME
+from modules.renderer import weak_perspective
+from modules.tdmm_encoder import TDMMEncoder
+
+TDMM_PARAMS = {
+    "n_pose": 6,                     # global rotation 3 + jaw 3 (neck and eyes zero)
+    "dropout": 0.2,
+    "imagenet_init": True,           # MobileNetV2 ImageNet weights (torch hub cache / the path below)
+    "imagenet_weights_path": None,
+    "freeze_bn_stats": True,         # the authors' code freezes the pretrained encoder's BN statistics
+    "checkpoint": None,              # a 'tdmm' pretraining checkpoint (configs/pretrain-3dmm.yaml)
+}
+FLAME_PARAMS = {
+    "model_dir": None,               # DECA's data folder + FLAME 2020 files; None = open head model
+    "n_shape": 100,
+    "n_exp": 50,
+}
+TDMM_LOSS_WEIGHTS = {
+    "tdmm": 1.0,                     # lambda_3DMM (eq. 20)
+    "shape_regularization": 1.0e-2,  # lambda_alpha (eq. 18)
+    "expression_regularization": 8.0e-3,  # lambda_beta
+}
+CODE_FIELDS = ("shape", "exp", "pose", "cam")
+
+
+# ----------------------------------------------------------------------------- construction
+def build_face_model(flame_params):
+    """The real FLAME files when ``model_dir`` is set, else the open head (same layout)."""
+    if flame_params["model_dir"]:
+        return FLAME.from_assets(flame_params["model_dir"], n_shape=flame_params["n_shape"],
+                                 n_exp=flame_params["n_exp"])
+    return FLAME.open_head(n_shape=flame_params["n_shape"], n_exp=flame_params["n_exp"])
+
+
+def build_tdmm_encoder(tdmm_params, flame_params):
+    return TDMMEncoder(n_shape=flame_params["n_shape"], n_exp=flame_params["n_exp"],
+                       n_pose=tdmm_params["n_pose"], dropout=tdmm_params["dropout"],
+                       imagenet=tdmm_params["imagenet_init"],
+                       weights_path=tdmm_params["imagenet_weights_path"],
+                       freeze_bn_stats=tdmm_params.get("freeze_bn_stats", False))
+
+
+def code_dim(tdmm_params, flame_params):
+    """Length of the flattened codes (SAFA: 100 + 50 + 6 + 3 = 159)."""
+    return flame_params["n_shape"] + flame_params["n_exp"] + tdmm_params["n_pose"] + 3
+
+
+# ----------------------------------------------------------------------------- losses
+def landmark_reprojection_loss(projected, target):
+    """Eq. 18's first term: per sample, the sum over the 68 landmarks of ``|k_i - c(l_i)|_1``
+    (normalized image coordinates), averaged over the batch. Landmarks marked missing in the
+    sidecar (NaN rows: no face detected) are left out; a batch with none valid gives 0."""
+    valid = torch.isfinite(target).all(dim=-1)                          # B x 68
+    distance = (projected - torch.nan_to_num(target)).abs().sum(dim=-1)  # B x 68
+    total = (distance * valid).sum()
+    return total / projected.shape[0]
+
+
+def code_regularization(codes, shape_weight, exp_weight):
+    """Eq. 18's L2 terms: ``lambda_alpha ||alpha||^2 + lambda_beta ||beta||^2``, batch mean."""
+    return (shape_weight * (codes.shape ** 2).sum(dim=1)
+            + exp_weight * (codes.exp ** 2).sum(dim=1)).mean()
+
+
+def tdmm_loss(face_model, codes, landmarks, weights):
+    """SAFA eq. 18 for one batch of frames (unweighted by lambda_3DMM)."""
+    projected = weak_perspective(face_model(codes).landmarks, codes.cam)    # c(l_i)
+    return landmark_reprojection_loss(projected, landmarks) + code_regularization(
+        codes, weights["shape_regularization"], weights["expression_regularization"])
+
+
+# ----------------------------------------------------------------------------- GADE's condition
+class CodeNormalizer(nn.Module):
+    """Flattens 3DMM codes into GADE's condition vector, normalized as in SAFA section 4.4.1.
+
+    alpha (``shape``), beta (``exp``) and the camera scale s (``cam[:, 0]``) are divided by their
+    average norms over the training set; theta (``pose``) and the translation t (``cam[:, 1:]``)
+    pass unchanged. The three averages are buffers (saved in checkpoints), 1 until estimated.
+
+    ``forward(codes)``: FaceCodes -> ``B x (n_shape + n_exp + n_pose + 3)`` in that order.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("shape_norm", torch.ones(()))   # mean ||alpha||
+        self.register_buffer("exp_norm", torch.ones(()))     # mean ||beta||
+        self.register_buffer("scale_norm", torch.ones(()))   # mean |s|
+
+    def forward(self, codes):
+        return torch.cat([codes.shape / self.shape_norm, codes.exp / self.exp_norm, codes.pose,
+                          codes.cam[:, :1] / self.scale_norm, codes.cam[:, 1:]], dim=1)
+
+    @torch.no_grad()
+    def estimate(self, codes):
+        """Set the three average norms from one batch of FaceCodes or an iterable of batches.
+
+        Each average is over samples of the per-sample L2 norm (|s| for the scale). An average
+        of zero (e.g. all-zero codes) leaves that divisor at 1. Returns ``self``.
+        """
+        batches = [codes] if isinstance(codes, FaceCodes) else codes
+        totals, count = torch.zeros(3, dtype=torch.float64), 0
+        for batch in batches:
+            norms = torch.stack([batch.shape.norm(dim=1), batch.exp.norm(dim=1),
+                                 batch.cam[:, 0].abs()], dim=1)
+            totals += norms.double().sum(dim=0).cpu()
+            count += norms.shape[0]
+        if count == 0:
+            raise ValueError("CodeNormalizer.estimate got no codes")
+        for buffer, mean in zip((self.shape_norm, self.exp_norm, self.scale_norm),
+                                totals / count):
+            buffer.fill_(float(mean) if mean > 0 else 1.0)
+        return self
+
+
+# ----------------------------------------------------------------------------- loading
+def load_pretrained_tdmm(path, encoder, normalizer=None):
+    """Weights of a 'tdmm' pretraining checkpoint (and its average code norms for GADE)."""
+    from logger import load_checkpoint
+    state = load_checkpoint(path)
+    if state.get("model") != "tdmm":
+        raise ValueError(f"tdmm_params.checkpoint {path} holds a {state.get('model')!r} model; it "
+                         "must come from a 'tdmm' pretraining run (configs/pretrain-3dmm.yaml)")
+    weights = state["state_dict"]
+    encoder.load_state_dict({k[len("encoder."):]: v for k, v in weights.items()
+                             if k.startswith("encoder.")})
+    if normalizer is not None:
+        normalizer.load_state_dict({k[len("code_normalizer."):]: v for k, v in weights.items()
+                                    if k.startswith("code_normalizer.")})
+
+
+__all__ = ["FaceCodes", "TDMM_PARAMS", "FLAME_PARAMS", "TDMM_LOSS_WEIGHTS", "build_face_model",
+           "build_tdmm_encoder", "code_dim", "landmark_reprojection_loss", "code_regularization",
+           "tdmm_loss", "CodeNormalizer", "load_pretrained_tdmm"]
