@@ -1,0 +1,1 @@
+"""Compatibility with the public reference implementations: their checkpoints and YAML configs."""
