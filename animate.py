@@ -24,8 +24,7 @@ from datasets.frames_dataset import image_to_tensor
 from datasets.video_io import (VideoReader, VideoWriter, copy_audio, read_image, temporary_path,
                                video_stem)
 from logger import to_uint8_image
-from modules.model_base import expand_state
-from reconstruction import batched, load_model_for_inference
+from reconstruction import batched
 
 
 def model_frame_size(model, config=None):
@@ -45,7 +44,7 @@ def landmark_detector(choice):
     """The detector for ``best_frame_by``: 'landmarks' needs one, 'auto' uses one if it loads."""
     if choice == "model":
         return None
-    from evaluation.backends import Backend, first_available
+    from modules.backends import Backend, first_available
     detector = first_available("landmarks", ["fan", "dlib"])
     if isinstance(detector, Backend):
         return detector
@@ -135,9 +134,8 @@ def animate(model, source_image, driving_video, output_path, relative=True, adap
             for chunk in batched(iter(reader), batch_size):
                 driving = torch.stack([image_to_tensor(f) for f in chunk]).to(device)
                 n = len(chunk)
-                out = model.generate(expand_state(source_state, n), model.encode_driving(driving),
-                                     expand_state(reference_state, n), relative=relative,
-                                     adapt_scale=adapt_scale)
+                out = model.generate(source_state, model.encode_driving(driving),
+                                     reference_state, relative=relative, adapt_scale=adapt_scale)
                 for image in out["prediction"]:
                     writer.write(to_uint8_image(image))
                 written += n
@@ -152,15 +150,16 @@ def animate(model, source_image, driving_video, output_path, relative=True, adap
             "path": output_path}
 
 
-def run_animate(args, config, device):
+def run_animate(args, config, run_dir, device):
     """``--mode animate``: one source/driving pair from the command line, or the dataset's pairs."""
     from datasets.frames_dataset import PairedDataset, build_dataset
     params = config["animate_params"]
     relative = params["relative"] and not args.absolute
     adapt = params["adapt_movement_scale"] or args.adapt_scale
     find_best = params["find_best_frame"] or args.find_best_frame
-    model = load_model_for_inference(config, args.checkpoint, device)
-    out_dir = os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "animation")
+    from modules.registry import build_model
+    model = build_model(config, args.checkpoint, device)
+    out_dir = os.path.join(run_dir, "animation")
     if args.source_image or args.driving_video:
         if not (args.source_image and args.driving_video):
             raise ValueError("animate needs both --source_image and --driving_video (or neither, "

@@ -1,13 +1,15 @@
 """Configuration: YAML files validated against a schema of defaults, plus ``--set`` overrides.
 
 The schema is plain data: a nested dict of defaults. Its shape says which keys exist, its values
-say their types (``None`` = any type). The framework's sections live in ``BASE_DEFAULTS``; each
-registered model contributes ``model_params`` and extra ``train_params`` (learning rates, loss
-weights) through its class attributes, so a model's keys are validated like the framework's.
+say their types (``None`` = any type). The framework's sections live in ``BASE_DEFAULTS``; the
+model named by ``model:`` contributes ``model_params`` and extra ``train_params`` (learning rates,
+loss weights) and a check of its own, handed in as a ``ModelSchema`` by the caller
+(``modules.registry.model_schema``), so this module knows no model.
 """
 import copy
 import difflib
 import os
+from typing import Callable, NamedTuple
 
 import yaml
 
@@ -16,6 +18,23 @@ CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 
 class ConfigError(ValueError):
     """A config file or override is wrong; the message names the key and the fix."""
+
+
+class ModelSchema(NamedTuple):
+    """What a model adds to the schema: its defaults, and a check of the merged config that
+    raises ``ValueError`` naming the problem (e.g. missing sidecars)."""
+    model_params: dict
+    train_params: dict
+    check: Callable = None
+
+
+def deep_update(base, changes):
+    """A copy of nested dict ``base`` with ``changes`` merged in (dicts merged key by key)."""
+    out = copy.deepcopy(base)
+    for key, value in changes.items():
+        out[key] = deep_update(out[key], value) if isinstance(value, dict) and \
+            isinstance(out.get(key), dict) and out[key] else copy.deepcopy(value)
+    return out
 
 
 BASE_DEFAULTS = {
@@ -180,22 +199,20 @@ def _merge(defaults, given, prefix):
     return merged
 
 
-def schema_for(model_name):
+def schema_for(model_schema):
     """The full schema of defaults for one model (the framework's sections plus the model's)."""
-    from modules.registry import get_model_class
-    try:
-        model_class = get_model_class(model_name)
-    except KeyError as error:
-        raise ConfigError(error.args[0]) from None
     schema = copy.deepcopy(BASE_DEFAULTS)
-    schema["model"] = model_name
-    schema["model_params"] = copy.deepcopy(model_class.default_model_params)
-    schema["train_params"].update(copy.deepcopy(model_class.default_train_params))
+    schema["model_params"] = copy.deepcopy(model_schema.model_params)
+    schema["train_params"] = deep_update(schema["train_params"], model_schema.train_params)
     return schema
 
 
-def validate(raw):
-    """Check a raw config dict and fill in defaults; returns a new dict."""
+def validate(raw, model_schema, model_check=True):
+    """Check a raw config dict and fill in defaults; returns a new dict.
+
+    ``model_schema(name) -> ModelSchema`` (raising ``ConfigError`` for an unknown model); its
+    ``check`` runs on the merged config unless ``model_check`` is false.
+    """
     if not isinstance(raw, dict):
         raise ConfigError(f"a config must be a mapping of sections, got {_type_name(raw)}")
     unknown = [k for k in raw if k not in BASE_DEFAULTS]
@@ -206,7 +223,14 @@ def validate(raw):
                           "`python run.py --list_models`)")
     if not isinstance(raw["model"], str):
         raise ConfigError(f"config key 'model' expects str, got {_type_name(raw['model'])}")
-    return _merge(schema_for(raw["model"]), raw, "")
+    schema = model_schema(raw["model"])
+    config = _merge(dict(schema_for(schema), model=raw["model"]), raw, "")
+    if model_check and schema.check is not None:
+        try:
+            schema.check(config)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
+    return config
 
 
 def parse_override(text):
@@ -224,7 +248,7 @@ def parse_override(text):
     return keys, value, raw_value
 
 
-def apply_overrides(config, overrides):
+def apply_overrides(config, overrides, model_schema):
     """Apply ``--set`` overrides to a validated config, typed by the config's own values."""
     config = copy.deepcopy(config)
     for text in overrides or []:
@@ -240,7 +264,7 @@ def apply_overrides(config, overrides):
         if isinstance(current, str) and not isinstance(value, str):
             value = raw_value  # 'name=123' for a string key stays the string '123'
         node[keys[-1]] = value
-    return validate(config) if overrides else config
+    return validate(config, model_schema, model_check=False) if overrides else config
 
 
 def _raise_unknown(keys, node):
@@ -251,7 +275,8 @@ def _raise_unknown(keys, node):
     raise ConfigError(f"--set names unknown config key '{path}'{hint}")
 
 
-def load_config(name_or_path, overrides=None):
+def load_config(name_or_path, overrides, model_schema):
+    """Read, validate and override a config file (``model_schema``: see :func:`validate`)."""
     path = resolve_config_path(name_or_path)
     with open(path, "r", encoding="utf-8") as handle:
         try:
@@ -260,11 +285,11 @@ def load_config(name_or_path, overrides=None):
             raise ConfigError(f"config {path} is not valid YAML: {error}") from None
     if raw is None:
         raise ConfigError(f"config {path} is empty; it needs at least a 'model:' key")
-    try:
-        config = validate(raw)
+    try:  # the model's own check runs once the overrides are in
+        config = validate(raw, model_schema, model_check=False)
+        return validate(apply_overrides(config, overrides, model_schema), model_schema)
     except ConfigError as error:
         raise ConfigError(f"{path}: {error}") from None
-    return apply_overrides(config, overrides)
 
 
 def dump_config(config, path):

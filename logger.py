@@ -2,59 +2,14 @@
 
 Only rank 0 of a distributed run writes (``Logger(..., enabled=False)`` on the other ranks).
 """
-import datetime
 import os
-import tempfile
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from checkpoint import CHECKPOINT_LATEST, save_checkpoint_atomic
 from config import dump_config
-
-CHECKPOINT_LATEST = "checkpoint_latest.pth"
-
-
-def make_log_dir(root, config_path, run_name=None):
-    """``root/<run_name>``, or ``root/<config name>_<timestamp>`` (FOMM's habit), created."""
-    if not run_name:
-        name = os.path.splitext(os.path.basename(config_path))[0]
-        run_name = f"{name}_{datetime.datetime.now().strftime('%Y-%m-%d_%H-%M-%S')}"
-    path = os.path.join(root, run_name)
-    os.makedirs(path, exist_ok=True)
-    return path
-
-
-def save_checkpoint_atomic(state, path):
-    """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``.
-
-    A kill at any moment leaves either the previous checkpoint or the new one, never half a file.
-    """
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".pth", dir=folder)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            torch.save(state, stream)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def load_checkpoint(path, map_location="cpu"):
-    """Load a checkpoint written by this framework (plain tensors and Python data only)."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as error:
-        raise RuntimeError(f"cannot load checkpoint {path}: {error}. Checkpoints are .pth files "
-                           "written by train.py (they are not archives); a truncated file means "
-                           "the copy is incomplete") from None
 
 
 class Logger:
@@ -90,11 +45,6 @@ class Logger:
         self._log_file.write(f"epoch {epoch:04d} | {text}\n")
         self._log_file.flush()
         self.log_scalars(epoch, mean_losses, prefix="epoch")
-
-    def log_text(self, line):
-        if self.enabled:
-            self._log_file.write(line.rstrip("\n") + "\n")
-            self._log_file.flush()
 
     def save_visuals(self, name, columns):
         """A PNG grid: one column per ``(title, B x 3 x H x W tensor)``, one row per sample."""

@@ -13,19 +13,7 @@ from tqdm import tqdm
 
 from datasets.frames_dataset import image_to_tensor
 from datasets.video_io import VideoWriter, video_stem
-from logger import load_checkpoint, to_uint8_image
-from modules.model_base import expand_state
-from train import restore_model
-
-
-def load_model_for_inference(config, checkpoint_path, device):
-    from modules.registry import build_model
-    model = build_model(config)
-    if checkpoint_path is None:
-        raise ValueError("this mode needs a trained model: pass --checkpoint PATH (a .pth written "
-                         "by --mode train)")
-    restore_model(model, load_checkpoint(checkpoint_path), checkpoint_path)
-    return model.to(device).eval()
+from logger import to_uint8_image
 
 
 def batched(iterable, size):
@@ -54,8 +42,7 @@ def reconstruct_video(model, reader, device, batch_size=8, writer=None, png_dir=
 
     for chunk in batched(all_frames(), batch_size):
         driving = torch.stack([image_to_tensor(f) for f in chunk]).to(device)
-        state = expand_state(source_state, len(chunk))
-        prediction = model.generate(state, model.encode_driving(driving))["prediction"]
+        prediction = model.generate(source_state, model.encode_driving(driving))["prediction"]
         errors.append(torch.abs(prediction - driving).mean(dim=(1, 2, 3)).cpu())
         for image in prediction:
             array = to_uint8_image(image)
@@ -95,11 +82,12 @@ def reconstruct(model, dataset, out_dir, device, params):
     return metrics
 
 
-def run_reconstruction(args, config, device):
+def run_reconstruction(args, config, run_dir, device):
     from datasets.frames_dataset import build_dataset
-    model = load_model_for_inference(config, args.checkpoint, device)
+    from modules.registry import build_model
+    model = build_model(config, args.checkpoint, device)
     dataset = build_dataset(config, is_train=False)
-    out_dir = os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "reconstruction")
+    out_dir = os.path.join(run_dir, "reconstruction")
     metrics = reconstruct(model, dataset, out_dir, device, config["reconstruction_params"])
     print(f"reconstruction: mean L1 {metrics['mean_l1']:.4f} over {len(metrics['videos'])} "
           f"videos -> {out_dir}")

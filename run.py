@@ -1,11 +1,14 @@
-"""Command-line entry: parse, load and validate the config, build the model, dispatch to a mode.
+"""Command-line entry: parse, load and validate the config, resolve the run folder, dispatch a mode.
 
     python run.py --config vox.yaml --mode train
     python run.py --config tiny-fomm.yaml --mode reconstruction --checkpoint log/.../checkpoint_latest.pth
     python run.py --config tiny-fomm.yaml --mode animate --checkpoint CKPT \
         --source_image face.png --driving_video drive.mp4 --result_video out.mp4
+
+Every mode is ``function(args, config, run_dir, device)``; training runs it once per device.
 """
 import argparse
+import datetime
 import importlib
 import logging
 import os
@@ -14,11 +17,11 @@ import sys
 
 import torch
 
-from config import ConfigError, load_config, resolve_config_path
+from config import ConfigError, resolve_config_path
 
-# Mode name -> "module:function(args, config)". A new mode is one line here plus its function.
+# Mode name -> "module:function(args, config, run_dir, device)". A new mode is one line here.
 MODES = {
-    "train": "run:run_train",
+    "train": "train:run_train",
     "reconstruction": "reconstruction:run_reconstruction",
     "animate": "animate:run_animate",
     "evaluate": "evaluation.cli:run_evaluate",
@@ -35,14 +38,17 @@ def build_parser():
                         help="what to run")
     parser.add_argument("--log_dir", default="log", help="root folder for run folders")
     parser.add_argument("--run_name", default=None,
-                        help="run folder name under --log_dir (default: config name + timestamp)")
+                        help="run folder name under --log_dir. Training: a new name starts a run "
+                        "(from --checkpoint's weights when given: fine-tuning), an existing one "
+                        "resumes it. Default: the checkpoint's folder, else config name + time")
     parser.add_argument("--checkpoint", default=None,
                         help="checkpoint to resume training from, or to evaluate/animate with")
     parser.add_argument("--device_ids", default=None,
                         help="comma-separated GPU ids (one process each, DDP), or 'cpu'. Without "
                         "CUDA, N ids run N CPU processes on gloo. Default: 0 if CUDA else cpu")
     parser.add_argument("--seed", type=int, default=0, help="random seed")
-    parser.add_argument("--verbose", action="store_true", help="print more (debug logging)")
+    parser.add_argument("--verbose", action="store_true",
+                        help="print more (debug logging, full tracebacks)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override one config key, typed like the config's value, e.g. "
                         "--set train_params.batch_size=8 (repeatable)")
@@ -81,38 +87,34 @@ def device_for(device_id):
     return torch.device(f"cuda:{device_id}")
 
 
-def run_train(args, config, rank=0, world_size=1, device=None):
-    from datasets.frames_dataset import build_dataset
-    from logger import CHECKPOINT_LATEST, make_log_dir
-    from modules.registry import build_model
-    from train import train
-    torch.manual_seed(args.seed)
-    dataset = build_dataset(config, is_train=True)
-    model = build_model(config)
-    if args.checkpoint and not args.resume_dir:
-        log_dir = os.path.dirname(os.path.abspath(args.checkpoint))  # resume in the same folder
-    else:
-        log_dir = args.resume_dir or make_log_dir(args.log_dir, args.config, args.run_name)
-    latest = os.path.join(log_dir, CHECKPOINT_LATEST)
-    if not args.checkpoint and os.path.isfile(latest):  # a named run that was stopped: continue it
-        args.checkpoint = latest
-        if rank == 0:
-            print(f"resuming from {latest} (the run folder already has a checkpoint)")
-    if rank == 0:
-        print(f"training {config['model']} on {len(dataset)} training entries; log dir {log_dir}")
-    train(config, model, dataset, log_dir, checkpoint_path=args.checkpoint,
-          device=device or torch.device("cpu"), rank=rank, world_size=world_size, seed=args.seed,
-          verbose=args.verbose)
-    return log_dir
+def resolve_run_dir(args):
+    """The one folder a run writes into: ``--log_dir/--run_name`` when named; else, with a
+    checkpoint, the checkpoint's folder; else (training) ``--log_dir/<config>_<time>``."""
+    if args.run_name:
+        return os.path.join(args.log_dir, args.run_name)
+    if args.checkpoint:
+        return os.path.dirname(os.path.abspath(args.checkpoint))
+    if args.mode != "train":
+        raise ConfigError(f"--mode {args.mode} needs a trained model: pass --checkpoint PATH (a "
+                          ".pth written by --mode train)")
+    name = os.path.splitext(os.path.basename(args.config))[0]
+    return os.path.join(args.log_dir,
+                        f"{name}_{datetime.datetime.now().strftime('%Y-%m-%d_%H-%M-%S')}")
 
 
+def mode_function(mode):
+    module_name, function_name = MODES[mode].split(":")
+    return getattr(importlib.import_module(module_name), function_name)
+
+
+# ----------------------------------------------------------------------------- training launch
 def _free_port():
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 
 
-def _worker(rank, args, config, device_ids, port):
+def _worker(rank, args, config, run_dir, device_ids, port):
     world_size = len(device_ids)
     use_cuda = torch.cuda.is_available() and device_ids[0] != "cpu"
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -123,13 +125,14 @@ def _worker(rank, args, config, device_ids, port):
         device = device_for(device_ids[rank]) if use_cuda else torch.device("cpu")
         if use_cuda:
             torch.cuda.set_device(device)
-        run_train(args, config, rank=rank, world_size=world_size, device=device)
+        mode_function("train")(args, config, run_dir, device, rank=rank, world_size=world_size)
     finally:
         torch.distributed.destroy_process_group()
 
 
-def launch_train(args, config, device_ids):
+def launch_train(args, config, run_dir, device_ids):
     """One process (single device), N spawned processes, or the process torchrun started."""
+    run_train = mode_function("train")
     if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:  # torchrun / multi-node
         use_cuda = torch.cuda.is_available()
         torch.distributed.init_process_group("nccl" if use_cuda else "gloo")
@@ -139,27 +142,22 @@ def launch_train(args, config, device_ids):
         if use_cuda:
             torch.cuda.set_device(device)
         try:
-            return run_train(args, config, rank=rank, world_size=world, device=device)
+            return run_train(args, config, run_dir, device, rank=rank, world_size=world)
         finally:
             torch.distributed.destroy_process_group()
     if len(device_ids) == 1:
-        return run_train(args, config, device=device_for(device_ids[0]))
-    from logger import make_log_dir
-    args.resume_dir = args.resume_dir or (
-        os.path.dirname(os.path.abspath(args.checkpoint)) if args.checkpoint
-        else make_log_dir(args.log_dir, args.config, args.run_name))
-    torch.multiprocessing.spawn(_worker, args=(args, config, device_ids, _free_port()),
+        return run_train(args, config, run_dir, device_for(device_ids[0]))
+    torch.multiprocessing.spawn(_worker, args=(args, config, run_dir, device_ids, _free_port()),
                                 nprocs=len(device_ids), join=True)
-    return args.resume_dir
+    return run_dir
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    args.resume_dir = None
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
+    from modules.registry import load_config, registered_models
     if args.list_models:
-        from modules.registry import registered_models
         print("\n".join(registered_models()))
         return 0
     if not args.config:
@@ -168,16 +166,15 @@ def main(argv=None):
         config = load_config(args.config, args.set)
         args.config = resolve_config_path(args.config)
         device_ids = parse_device_ids(args.device_ids)
+        run_dir = resolve_run_dir(args)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    module_name, function_name = MODES[args.mode].split(":")
     try:
         if args.mode == "train":
-            launch_train(args, config, device_ids)
+            launch_train(args, config, run_dir, device_ids)
         else:
-            function = getattr(importlib.import_module(module_name), function_name)
-            function(args, config, device=device_for(device_ids[0]))
+            mode_function(args.mode)(args, config, run_dir, device_for(device_ids[0]))
     except (FileNotFoundError, ValueError, ConfigError, RuntimeError) as error:
         if args.verbose:
             raise

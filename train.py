@@ -4,17 +4,23 @@ Read it top to bottom: ``train()`` builds optimizers from ``model.optimizer_grou
 checkpoint if given, then for each batch runs the generator step and (if the model has one) the
 discriminator step. It knows nothing about a specific model.
 """
-import random
+import logging
+import os
+from collections import Counter
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
-from datasets.frames_dataset import DatasetRepeater
-from logger import CHECKPOINT_LATEST, Logger, load_checkpoint
+from checkpoint import (CHECKPOINT_LATEST, load_checkpoint, make_checkpoint, restore_model,
+                        set_rng_state)
+from datasets.frames_dataset import DatasetRepeater, collate_items
+from flame.codes import FaceCodes
+from logger import Logger
 from modules.sync_batchnorm import convert_sync_batchnorm
+
+log = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -50,22 +56,6 @@ def wrap_distributed(model, device):
         find_unused_parameters=True, broadcast_buffers=False)
 
 
-def rng_state():
-    return {"torch": torch.get_rng_state(), "numpy": torch.from_numpy(
-        np.random.get_state()[1].astype(np.int64)), "numpy_pos": np.random.get_state()[2],
-        "python": list(random.getstate()[1]), "cuda": torch.cuda.get_rng_state_all()
-        if torch.cuda.is_available() else []}
-
-
-def set_rng_state(state):
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"],
-                         0, 0.0))
-    random.setstate((3, tuple(state["python"]), None))
-    if state.get("cuda") and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def check_finite(losses, step, last_checkpoint):
     bad = {name: float(value) for name, value in losses.items() if not torch.isfinite(value).all()}
     if bad:
@@ -77,7 +67,7 @@ def check_finite(losses, step, last_checkpoint):
 
 
 def move_to(batch, device):
-    if torch.is_tensor(batch):
+    if torch.is_tensor(batch) or isinstance(batch, FaceCodes):
         return batch.to(device, non_blocking=True)
     if isinstance(batch, dict):
         return {k: move_to(v, device) for k, v in batch.items()}
@@ -118,41 +108,39 @@ def train_step(net, model, optimizers, batch, step=0, last_checkpoint=None):
     return losses, generated
 
 
-def make_checkpoint(model, optimizers, schedulers, epoch, step, batch_in_epoch, config):
-    return {"model": model.name, "model_params": config["model_params"],
-            "state_dict": model.state_dict(),
-            "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
-            "schedulers": {k: s.state_dict() for k, s in schedulers.items()},
-            "epoch": epoch, "step": step, "batch_in_epoch": batch_in_epoch, "rng": rng_state()}
-
-
-def restore_model(model, checkpoint, path):
-    """Load a checkpoint's weights, refusing one of another model or an incompatible config."""
-    if checkpoint.get("model") != model.name:
-        raise ValueError(f"checkpoint {path} holds a {checkpoint.get('model')!r} model but the "
-                         f"config selects {model.name!r}; use that model's config")
-    own = model.state_dict()
-    state = checkpoint["state_dict"]
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    resized = [k for k in own if k in state and own[k].shape != state[k].shape]
-    if missing or unexpected or resized:
-        detail = "; ".join(f"{label}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
-                           for label, keys in (("missing", missing), ("unexpected", unexpected),
-                                               ("shape differs", resized)) if keys)
-        raise ValueError(f"checkpoint {path} does not fit this config's {model.name} model "
-                         f"({detail}); it was trained with other model_params - use the config "
-                         "saved next to it (config.yaml in its log dir)")
-    model.load_state_dict(state)
+def apply_optimizer_settings(optimizers, schedulers, train_params, epoch):
+    """The config's learning rates, Adam betas and schedule win over a resumed checkpoint's:
+    each group's learning rate becomes ``lr_<group> * lr_decay ** (milestones passed)``.
+    Returns a description of what changed (empty when nothing did)."""
+    changes = []
+    betas = tuple(train_params["adam_betas"])
+    passed = sum(1 for m in train_params["epoch_milestones"] if m <= epoch)
+    for name, optimizer in optimizers.items():
+        lr = train_params[f"lr_{name}"]
+        scheduler = schedulers[name]
+        if list(scheduler.base_lrs) != [lr] * len(scheduler.base_lrs):
+            changes.append(f"lr_{name} {scheduler.base_lrs[0]:g} -> {lr:g}")
+        if tuple(optimizer.param_groups[0]["betas"]) != betas:
+            changes.append(f"{name} adam_betas {list(optimizer.param_groups[0]['betas'])} -> "
+                           f"{list(betas)}")
+        scheduler.base_lrs = [lr] * len(optimizer.param_groups)
+        scheduler.milestones = Counter(train_params["epoch_milestones"])
+        scheduler.gamma = train_params["lr_decay"]
+        for group in optimizer.param_groups:
+            group.update(lr=lr * train_params["lr_decay"] ** passed, initial_lr=lr, betas=betas)
+    return changes
 
 
 def train(config, model, dataset, log_dir, checkpoint_path=None, device="cpu", rank=0,
-          world_size=1, seed=0, verbose=False):
+          world_size=1, seed=0, finetune_from=None):
+    """Train ``model`` on ``dataset``, writing into ``log_dir``. ``checkpoint_path`` resumes a run
+    exactly (weights, optimizers, schedule, data position, random state); ``finetune_from``
+    starts a new run from a checkpoint's weights only."""
     train_params = config["train_params"]
     distributed = world_size > 1
     if distributed:  # batch statistics over the global batch (SAFA trains with synchronized BN)
         model = convert_sync_batchnorm(model, device)
-    model.to(device)
+    model.to(device).train()
     optimizers = build_optimizers(model, train_params)
     schedulers = {name: torch.optim.lr_scheduler.MultiStepLR(
         opt, train_params["epoch_milestones"], gamma=train_params["lr_decay"])
@@ -169,6 +157,14 @@ def train(config, model, dataset, log_dir, checkpoint_path=None, device="cpu", r
         start_epoch, step = checkpoint["epoch"], checkpoint["step"]
         skip_batches = checkpoint["batch_in_epoch"]
         set_rng_state(checkpoint["rng"])
+        changes = apply_optimizer_settings(optimizers, schedulers, train_params, start_epoch)
+        if changes and rank == 0:
+            log.info("resuming with the config's optimizer settings: %s", "; ".join(changes))
+    elif finetune_from:
+        restore_model(model, load_checkpoint(finetune_from, map_location=device), finetune_from)
+        if rank == 0:
+            log.info("fine-tuning from the weights of %s (new optimizers, epoch 0)", finetune_from)
+    model.prepare_training(dataset)
 
     net = wrap_distributed(model, device) if distributed else model
 
@@ -186,6 +182,7 @@ def train(config, model, dataset, log_dir, checkpoint_path=None, device="cpu", r
     sampler = ResumableSampler(repeated, world_size, rank, seed)
     loader = DataLoader(repeated, batch_size=batch_size, sampler=sampler, drop_last=True,
                         num_workers=train_params["num_workers"], pin_memory=str(device) != "cpu",
+                        collate_fn=collate_items,
                         generator=torch.Generator().manual_seed(seed),
                         persistent_workers=False)
     logger = Logger(log_dir, config, enabled=rank == 0)
@@ -239,3 +236,37 @@ def train(config, model, dataset, log_dir, checkpoint_path=None, device="cpu", r
     logger.close()
     return history
 
+
+
+def run_train(args, config, run_dir, device, rank=0, world_size=1):
+    """``--mode train`` in one process (run.py starts one per device)."""
+    from datasets.frames_dataset import build_dataset
+    from modules.registry import build_model
+    torch.manual_seed(args.seed)
+    dataset = build_dataset(config, is_train=True)
+    model = build_model(config, training=True)
+    resume, finetune = resume_or_finetune(run_dir, args.checkpoint)
+    if rank == 0:
+        what = f"resuming {resume}" if resume else (f"fine-tuning from {finetune}" if finetune
+                                                    else "a new run")
+        print(f"training {config['model']} on {len(dataset)} training entries; {what}; "
+              f"run folder {run_dir}")
+    train(config, model, dataset, run_dir, checkpoint_path=resume, device=device, rank=rank,
+          world_size=world_size, seed=args.seed, finetune_from=finetune)
+    return run_dir
+
+
+def resume_or_finetune(run_dir, checkpoint):
+    """``(resume_path, finetune_path)``: a run folder with a checkpoint of its own resumes it
+    (a different ``--checkpoint`` is then an error); a ``--checkpoint`` from the run folder itself
+    resumes; one from elsewhere starts this new run from its weights."""
+    latest = os.path.join(run_dir, CHECKPOINT_LATEST)
+    inside = checkpoint and os.path.dirname(os.path.abspath(checkpoint)) == os.path.abspath(run_dir)
+    if os.path.isfile(latest):
+        if checkpoint and not inside:
+            raise ValueError(f"run folder {run_dir} already has a checkpoint; to resume it drop "
+                             f"--checkpoint, to fine-tune from {checkpoint} choose a new --run_name")
+        return (checkpoint if inside else latest), None
+    if inside:
+        return checkpoint, None
+    return None, checkpoint

@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from config import load_config  # noqa: E402
+from modules.registry import load_config  # noqa: E402
 from datasets.frames_dataset import build_dataset, image_to_tensor  # noqa: E402
 from evaluation.metrics import l1, psnr, ssim  # noqa: E402
 from modules.model_base import expand_state  # noqa: E402

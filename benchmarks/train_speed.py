@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from config import load_config  # noqa: E402
+from modules.registry import load_config  # noqa: E402
 from modules.registry import build_model  # noqa: E402
 from train import build_optimizers, train_step  # noqa: E402
 

@@ -4,6 +4,9 @@ A dataset root holds one entry per video (frame folder, stacked-frames image or 
 in ``train/`` and ``test/`` subfolders or in one folder split by a seed. Optional sidecars sit next to
 each video with the same stem: ``<stem>.landmarks.npy`` (T x 68 x 2 float pixel coordinates, NaN rows
 for frames without a face) and ``<stem>.flame.npz`` (arrays shape, exp, pose, cam, each T x n).
+Items carry landmarks as ``source_landmarks``/``driving_landmarks`` (68 x 2, normalized) and 3DMM
+codes as ``source_codes``/``driving_codes`` (:class:`FaceCodes`, batch 1); ``collate_items``
+batches them.
 """
 import csv
 import os
@@ -11,10 +14,11 @@ from collections import defaultdict
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 
 from datasets.augmentation import augment_pair
 from datasets.video_io import VideoReader, VideoReadError, is_video_entry, video_stem
+from flame.codes import FaceCodes
 from modules.coords import pixels_to_normalized
 
 SIDECAR_SUFFIXES = (".landmarks.npy", ".flame.npz")
@@ -188,9 +192,19 @@ class FramesDataset(Dataset):
             item["driving_landmarks"] = torch.from_numpy(
                 pixels_to_normalized(landmarks[1], height, width).astype(np.float32))
         if flame is not None:
-            item["source_flame"] = {k: torch.from_numpy(v) for k, v in flame[0].items()}
-            item["driving_flame"] = {k: torch.from_numpy(v) for k, v in flame[1].items()}
+            item["source_codes"] = FaceCodes.from_numpy({k: v[None] for k, v in flame[0].items()})
+            item["driving_codes"] = FaceCodes.from_numpy({k: v[None] for k, v in flame[1].items()})
         return item
+
+
+def collate_items(items):
+    """A batch of dataset items: tensors stacked, :class:`FaceCodes` concatenated, names listed."""
+    batch = {}
+    for key in items[0]:
+        values = [item[key] for item in items]
+        batch[key] = FaceCodes.cat(values) if isinstance(values[0], FaceCodes) \
+            else default_collate(values)
+    return batch
 
 
 class DatasetRepeater(Dataset):

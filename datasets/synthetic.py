@@ -73,7 +73,7 @@ class TexturePainter:
     """Procedural UV textures for the open head (skin, brows, lips, hair, eyes, mouth)."""
 
     def __init__(self, size=TEXTURE_SIZE):
-        from flame import open_head
+        import flame.open_head as open_head
         builder = open_head.OpenHeadBuilder()
         self.oh = open_head
         self.size = size

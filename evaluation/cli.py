@@ -7,7 +7,7 @@ from datasets.frames_dataset import build_dataset
 from datasets.video_io import VideoReader, video_stem
 from evaluation.protocols import DEFAULT_METRICS, evaluate, model_animator
 from evaluation.tables import write_tables
-from reconstruction import load_model_for_inference
+from modules.registry import build_model
 
 
 def backend_options(params):
@@ -33,9 +33,9 @@ def code_encoder(model):
 
 
 @torch.no_grad()
-def run_evaluate(args, config, device):
+def run_evaluate(args, config, run_dir, device):
     params = config["evaluation_params"]
-    model = load_model_for_inference(config, args.checkpoint, device)
+    model = build_model(config, args.checkpoint, device)
     videos = test_videos(config, params["num_videos"])
     results = evaluate(model_animator(model), videos, protocols=tuple(params["protocols"]),
                        batch_size=params["batch_size"], pairs_per_video=params["pairs_per_video"],
@@ -43,7 +43,7 @@ def run_evaluate(args, config, device):
                        metrics=tuple(params["metrics"] or DEFAULT_METRICS),
                        options=backend_options(params), encoder=code_encoder(model),
                        fid_method=params["fid_method"])
-    out_dir = os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "evaluation")
+    out_dir = os.path.join(run_dir, "evaluation")
     metadata = {"config": os.path.abspath(args.config), "checkpoint": os.path.abspath(args.checkpoint),
                 "protocols": list(params["protocols"]),
                 "dataset": os.path.abspath(config["dataset_params"]["root_dir"]),

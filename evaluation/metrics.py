@@ -3,7 +3,7 @@
 Images are float tensors ``B x 3 x H x W`` in [0, 1] on any device; per-image metrics return a
 ``B`` tensor so callers can average over frames, videos or whole test sets as a protocol demands.
 Metrics that need a network take the network's *output* (features, landmarks, embeddings, codes):
-the networks themselves live in :mod:`evaluation.backends`, so each formula here is testable
+the networks themselves live in :mod:`modules.backends` and :mod:`evaluation.backends`, so each formula here is testable
 without weights.
 
 Landmarks are ``... x 68 x 2`` arrays in pixel-index coordinates (``modules/coords.py``); a frame

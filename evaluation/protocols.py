@@ -34,7 +34,8 @@ import torch
 from tqdm import tqdm
 
 from evaluation import metrics as M
-from evaluation.backends import Backend, Skipped, load_backend
+import evaluation.backends  # noqa: F401  (registers the fid and lpips backends)
+from modules.backends import Backend, Skipped, load_backend
 
 # metric key -> (column title, higher is better)
 COLUMNS = OrderedDict([

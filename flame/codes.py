@@ -119,6 +119,10 @@ class FaceCodes:
     def to(self, *args, **kwargs):
         return self._map(lambda t: t.to(*args, **kwargs))
 
+    def pin_memory(self):
+        """Page-locked copies (the DataLoader calls this with ``pin_memory=True``)."""
+        return self._map(lambda t: t.pin_memory())
+
     def replace(self, **changes):
         return dataclasses.replace(self, **changes)
 

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from flame.codes import FaceCodes, full_pose
-from flame import loaders
+import flame.loaders as loaders
 
 JOINT_NAMES = ("global", "neck", "jaw", "eye_l", "eye_r")
 SHAPE_COMPONENTS_IN_FILE = 300  # FLAME files store 300 shape then 100 expression components

@@ -41,7 +41,7 @@ import tempfile
 import numpy as np
 import scipy.sparse
 
-from flame import loaders
+import flame.loaders as loaders
 
 VERSION = 1
 N_SHAPE_FILE, N_EXP_FILE = 300, 100

@@ -3,8 +3,8 @@
 - ``FaceCodes``: the one codes type, from the encoder, the sidecars and the losses alike.
 - ``build_face_model(flame_params)``: FLAME from its files, or the open stand-in head.
 - ``build_tdmm_encoder(tdmm_params, flame_params)``: the MobileNetV2 regressor of codes.
-- ``tdmm_loss``: SAFA's eq. 18 (landmark reprojection + code regularization).
-- ``load_pretrained_tdmm``: a 'tdmm' pretraining checkpoint into an encoder (+ code norms).
+- ``tdmm_loss``, ``photometric_loss``: SAFA's eq. 18 and the authors' photometric term.
+- ``load_pretrained_tdmm``: a 'tdmm' pretraining checkpoint into an encoder.
 - ``CodeNormalizer``: codes flattened and normalized for GADE (SAFA section 4.4.1).
 
 The defaults below are the config sections these models share (``tdmm_params``,
@@ -32,9 +32,11 @@ FLAME_PARAMS = {
     "n_exp": 50,
 }
 TDMM_LOSS_WEIGHTS = {
-    "tdmm": 1.0,                     # lambda_3DMM (eq. 20)
+    "tdmm": 1.0,                     # lambda_3DMM (eq. 20), multiplies the terms below
+    "landmark": 1.0,                 # the landmark reprojection term of eq. 18
     "shape_regularization": 1.0e-2,  # lambda_alpha (eq. 18)
     "expression_regularization": 8.0e-3,  # lambda_beta
+    "photometric": 0.0,              # render vs masked image (the authors' code: 1; not in the paper)
 }
 CODE_FIELDS = ("shape", "exp", "pose", "cam")
 
@@ -62,27 +64,39 @@ def code_dim(tdmm_params, flame_params):
 
 
 # ----------------------------------------------------------------------------- losses
-def landmark_reprojection_loss(projected, target):
-    """Eq. 18's first term: per sample, the sum over the 68 landmarks of ``|k_i - c(l_i)|_1``
-    (normalized image coordinates), averaged over the batch. Landmarks marked missing in the
-    sidecar (NaN rows: no face detected) are left out; a batch with none valid gives 0."""
-    valid = torch.isfinite(target).all(dim=-1)                          # B x 68
-    distance = (projected - torch.nan_to_num(target)).abs().sum(dim=-1)  # B x 68
-    total = (distance * valid).sum()
-    return total / projected.shape[0]
+# Eq. 18 with the authors' code's normalization (their lambdas were tuned for it; the paper gives
+# no units): the landmark term is the mean L1 distance in pixels over the landmarks that were
+# found, the regularization the per-coefficient mean of the squares. Each term is computed for
+# the source frames and for the driving frames and the two are added, as that code does.
+def landmark_loss(projected, target, image_size):
+    """Mean |k_i - c(l_i)| in pixels over the found landmarks (NaN rows in the sidecar: no face
+    there, left out of the sum and of the count). ``projected``, ``target``: B x 68 x 2 (extra
+    sidecar points beyond the model's landmarks are ignored), normalized; ``image_size`` (H, W)."""
+    target = target[:, :projected.shape[1]]
+    height, width = image_size
+    scale = projected.new_tensor([(width - 1) / 2.0, (height - 1) / 2.0])
+    valid = torch.isfinite(target).all(dim=-1, keepdim=True).to(projected.dtype)   # B x 68 x 1
+    distance = ((projected - torch.nan_to_num(target)) * scale).abs() * valid
+    return distance.sum() / (2 * valid.sum()).clamp_min(1)
 
 
 def code_regularization(codes, shape_weight, exp_weight):
-    """Eq. 18's L2 terms: ``lambda_alpha ||alpha||^2 + lambda_beta ||beta||^2``, batch mean."""
-    return (shape_weight * (codes.shape ** 2).sum(dim=1)
-            + exp_weight * (codes.exp ** 2).sum(dim=1)).mean()
+    """``lambda_alpha mean(alpha^2) + lambda_beta mean(beta^2)`` over the batch and coefficients."""
+    return shape_weight * codes.shape.pow(2).mean() + exp_weight * codes.exp.pow(2).mean()
 
 
-def tdmm_loss(face_model, codes, landmarks, weights):
-    """SAFA eq. 18 for one batch of frames (unweighted by lambda_3DMM)."""
+def photometric_loss(rendered, image, face_mask):
+    """Mean |R - I * M| over all pixels: a render against the image on its face region."""
+    return (rendered - image * face_mask).abs().mean()
+
+
+def tdmm_loss(face_model, codes, landmarks, weights, image_size):
+    """Eq. 18 for one group of frames: ``{'landmark': ..., 'regularization': ...}``, each
+    weighted by its own lambda (``weights``: a ``loss_weights`` section)."""
     projected = weak_perspective(face_model(codes).landmarks, codes.cam)    # c(l_i)
-    return landmark_reprojection_loss(projected, landmarks) + code_regularization(
-        codes, weights["shape_regularization"], weights["expression_regularization"])
+    return {"landmark": weights["landmark"] * landmark_loss(projected, landmarks, image_size),
+            "regularization": code_regularization(codes, weights["shape_regularization"],
+                                                  weights["expression_regularization"])}
 
 
 # ----------------------------------------------------------------------------- GADE's condition
@@ -91,7 +105,8 @@ class CodeNormalizer(nn.Module):
 
     alpha (``shape``), beta (``exp``) and the camera scale s (``cam[:, 0]``) are divided by their
     average norms over the training set; theta (``pose``) and the translation t (``cam[:, 1:]``)
-    pass unchanged. The three averages are buffers (saved in checkpoints), 1 until estimated.
+    pass unchanged. The three averages are buffers (saved in checkpoints), 1 until estimated
+    (``estimated`` says whether they were).
 
     ``forward(codes)``: FaceCodes -> ``B x (n_shape + n_exp + n_pose + 3)`` in that order.
     """
@@ -101,6 +116,7 @@ class CodeNormalizer(nn.Module):
         self.register_buffer("shape_norm", torch.ones(()))   # mean ||alpha||
         self.register_buffer("exp_norm", torch.ones(()))     # mean ||beta||
         self.register_buffer("scale_norm", torch.ones(()))   # mean |s|
+        self.register_buffer("estimated", torch.zeros((), dtype=torch.bool))
 
     def forward(self, codes):
         return torch.cat([codes.shape / self.shape_norm, codes.exp / self.exp_norm, codes.pose,
@@ -125,25 +141,22 @@ class CodeNormalizer(nn.Module):
         for buffer, mean in zip((self.shape_norm, self.exp_norm, self.scale_norm),
                                 totals / count):
             buffer.fill_(float(mean) if mean > 0 else 1.0)
+        self.estimated.fill_(True)
         return self
 
 
 # ----------------------------------------------------------------------------- loading
-def load_pretrained_tdmm(path, encoder, normalizer=None):
-    """Weights of a 'tdmm' pretraining checkpoint (and its average code norms for GADE)."""
-    from logger import load_checkpoint
+def load_pretrained_tdmm(path, encoder):
+    """The encoder weights of a 'tdmm' pretraining checkpoint."""
+    from checkpoint import load_checkpoint
     state = load_checkpoint(path)
     if state.get("model") != "tdmm":
         raise ValueError(f"tdmm_params.checkpoint {path} holds a {state.get('model')!r} model; it "
                          "must come from a 'tdmm' pretraining run (configs/pretrain-3dmm.yaml)")
-    weights = state["state_dict"]
-    encoder.load_state_dict({k[len("encoder."):]: v for k, v in weights.items()
+    encoder.load_state_dict({k[len("encoder."):]: v for k, v in state["state_dict"].items()
                              if k.startswith("encoder.")})
-    if normalizer is not None:
-        normalizer.load_state_dict({k[len("code_normalizer."):]: v for k, v in weights.items()
-                                    if k.startswith("code_normalizer.")})
 
 
 __all__ = ["FaceCodes", "TDMM_PARAMS", "FLAME_PARAMS", "TDMM_LOSS_WEIGHTS", "build_face_model",
-           "build_tdmm_encoder", "code_dim", "landmark_reprojection_loss", "code_regularization",
-           "tdmm_loss", "CodeNormalizer", "load_pretrained_tdmm"]
+           "build_tdmm_encoder", "code_dim", "landmark_loss", "code_regularization",
+           "photometric_loss", "tdmm_loss", "CodeNormalizer", "load_pretrained_tdmm"]

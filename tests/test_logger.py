@@ -11,7 +11,8 @@ import pytest
 import torch
 import yaml
 
-from logger import Logger, load_checkpoint, make_grid, save_checkpoint_atomic
+from checkpoint import load_checkpoint, save_checkpoint_atomic
+from logger import Logger, make_grid
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -66,7 +67,7 @@ def test_checkpoint_never_corrupt_when_killed_mid_write(tmp_path):
     script = textwrap.dedent(f"""
         import sys, torch
         sys.path.insert(0, {REPO!r})
-        from logger import save_checkpoint_atomic
+        from checkpoint import save_checkpoint_atomic
         save_checkpoint_atomic({{"version": 0, "w": torch.zeros(10)}}, {path!r})
         print("first", flush=True)
         version = 1

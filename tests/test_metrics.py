@@ -13,8 +13,8 @@ from skimage import data as skdata
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from evaluation import metrics as M
-from evaluation.backends import (Backend, DownloadRefused, Skipped, load_backend, no_downloads,
-                                 to_uint8_frames)
+from modules.backends import (Backend, DownloadRefused, Skipped, load_backend, no_downloads,
+                              to_uint8_frames)
 from evaluation.protocols import (MetricSuite, cross_identity_assignment, evaluate,
                                   evaluate_batches, model_animator, random_pairs)
 from evaluation.tables import write_tables

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 from skimage import data as skdata
 
-from evaluation.backends import Backend, load_backend
+from modules.backends import Backend, load_backend
 from tools import crop_video, extract_landmarks
 from tools.crop_video import CropOptions, crop_folder, iou, link_detections, square_crop
 from tools.extract_landmarks import extract_folder, sidecar_path

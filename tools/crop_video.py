@@ -36,7 +36,7 @@ from tqdm import tqdm
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from evaluation.backends import Skipped, first_available  # noqa: E402
+from modules.backends import Skipped, first_available  # noqa: E402
 from datasets.video_io import VideoReader, VideoWriter, describe_error  # noqa: E402
 from tools.video_io import find_inputs, relative_stem, remove_stale_temporaries  # noqa: E402
 
