@@ -135,11 +135,13 @@ class SAFAGenerator(OcclusionAwareGenerator):
                 out = torch.cat([out, skips[self.num_down_blocks - 1 - index]], dim=1)
         return torch.sigmoid(self.output_conv(out))
 
+    def extra_motion(self, face3d):
+        """The 3D face slot of the dense motion: T_{S<-D,3D}, H_3D (eq. 11), deformed source I_r."""
+        return ExtraMotion(flow=face3d["flow_3d"], heatmap=self.heatmap_3d(face3d),
+                           deformed=face3d["I_r"])
+
     def forward(self, source_image, kp_driving, kp_source, face3d=None, condition=None):
-        extra = None
-        if self.use_3d_motion:  # the 3D face slot: T_{S<-D,3D}, H_3D (eq. 11), deformed source I_r
-            extra = [ExtraMotion(flow=face3d["flow_3d"], heatmap=self.heatmap_3d(face3d),
-                                 deformed=face3d["I_r"])]
+        extra = [self.extra_motion(face3d)] if self.use_3d_motion else None
         motion = self.estimate_motion(source_image, kp_driving, kp_source, extra)
         occlusion = motion["occlusion_maps"]
         occlusion_g = occlusion[:, :1]                                    # O_g
