@@ -219,9 +219,13 @@ def animate_params(section, notes):
         ours["adapt_movement_scale"] = bool(normalization["adapt_movement_scale"])
         notes.mapped(f"{prefix}.normalization_params.adapt_movement_scale",
                      f"{prefix}.adapt_movement_scale", ours["adapt_movement_scale"])
-    if not normalization.get("use_relative_jacobian", True):
-        notes.ignored(f"{prefix}.normalization_params.use_relative_jacobian",
-                      "relative animation here always moves the Jacobians relatively")
+    if "use_relative_jacobian" in normalization:
+        key = f"{prefix}.normalization_params.use_relative_jacobian"
+        if normalization["use_relative_jacobian"]:
+            notes.append(f"{key}: implied (relative animation here moves the Jacobians "
+                         "relatively)")
+        else:
+            notes.ignored(key, "relative animation here always moves the Jacobians relatively")
     leftover(normalization, ("use_relative_movement", "adapt_movement_scale",
                              "use_relative_jacobian"), f"{prefix}.normalization_params", notes)
     leftover(section, ("num_pairs", "format", "normalization_params"), prefix, notes)

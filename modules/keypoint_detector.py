@@ -51,7 +51,11 @@ class KPDetector(nn.Module):
         with torch.no_grad():
             self.jacobian_head.bias.copy_(identity.repeat(self.num_jacobian_maps))
 
-    def heatmaps(self, logits):
+    def heatmaps(self, features):
+        """Heatmaps of the predictor's features: ``B x K x h x w``, each sums to 1."""
+        return self.softmax_heatmaps(self.heatmap_head(features))
+
+    def softmax_heatmaps(self, logits):
         """Spatial softmax of the heatmap logits at ``temperature``: ``B x K x h x w``, sums to 1."""
         batch, kps, height, width = logits.shape
         weights = F.softmax(logits.flatten(2) / self.temperature, dim=2)
@@ -64,7 +68,11 @@ class KPDetector(nn.Module):
                                     device=heatmaps.device)
         return (heatmaps[..., None] * grid).sum(dim=(2, 3))   # product + sum: the reference's order
 
-    def jacobians(self, jacobian_map, heatmaps):
+    def jacobians(self, features, heatmaps):
+        """Heatmap-weighted average of the Jacobian head: ``B x K x 2 x 2``."""
+        return self.average_jacobians(self.jacobian_head(features), heatmaps)
+
+    def average_jacobians(self, jacobian_map, heatmaps):
         """Heatmap-weighted average of the Jacobian head's maps: ``B x K x 2 x 2``."""
         batch, _, height, width = jacobian_map.shape
         maps = jacobian_map.view(batch, self.num_jacobian_maps, 4, height, width)
@@ -79,12 +87,12 @@ class KPDetector(nn.Module):
         downsampled = self.downsample(image)
         features = self.predictor(downsampled)
         logits = self.heatmap_head(features)
-        heatmaps = self.heatmaps(logits)
+        heatmaps = self.softmax_heatmaps(logits)
         result = {"value": self.heatmap_means(heatmaps), "downsampled_input": downsampled,
                   "heatmap_logits": logits, "heatmaps": heatmaps}
         if self.jacobian_head is not None:
             result["jacobian_map"] = self.jacobian_head(features)
-            result["jacobian"] = self.jacobians(result["jacobian_map"], heatmaps)
+            result["jacobian"] = self.average_jacobians(result["jacobian_map"], heatmaps)
         return result
 
     def forward(self, image):

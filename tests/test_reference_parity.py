@@ -20,13 +20,7 @@ GOLDEN = Path(__file__).parent / "data" / "golden"
 TOLERANCE = dict(atol=1e-5, rtol=1e-5)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Reference numbers were made on one thread; tiny tensors gain nothing from more."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")   # as the reference numbers were made
 
 
 def load(folder, name):
@@ -74,15 +68,16 @@ def safa():
 
 
 # ----------------------------------------------------------------------------- FOMM
+@pytest.mark.parametrize("folder", ["fomm", "safa"])
 @torch.no_grad()
-def test_fomm_keypoint_detector(fomm):
-    networks, io = fomm
+def test_keypoint_detector(folder, request):
+    networks, io = request.getfixturevalue(folder)
     for image in ("source", "driving", "driving_initial"):
         detected = networks["kp_detector"].detect(io["inputs"][image])
         expected = io["kp_detector"][image]
         close(detected["value"], expected["value"])
         close(detected["jacobian"], expected["jacobian"])
-        for name in ("downsampled_input", "heatmap_logits", "jacobian_map"):
+        for name in expected["intermediate"]:   # FOMM: also downsampled_input, jacobian_map
             close(detected[name], expected["intermediate"][name])
     assert detected["heatmap_logits"].shape[-1] == 10          # unpadded 7x7 head on 16x16
 
@@ -228,17 +223,6 @@ def safa_face3d(io):
     return {"flow_3d": flow, "I_r": render["reenact"],
             "normal_source": render["source_normal_images"],
             "normal_driving": render["driving_normal_images"]}
-
-
-@torch.no_grad()
-def test_safa_keypoint_detector(safa):
-    networks, io = safa
-    for image in ("source", "driving", "driving_initial"):
-        detected = networks["kp_detector"].detect(io["inputs"][image])
-        expected = io["kp_detector"][image]
-        close(detected["value"], expected["value"])
-        close(detected["jacobian"], expected["jacobian"])
-        close(detected["heatmap_logits"], expected["intermediate"]["heatmap_logits"])
 
 
 @torch.no_grad()
