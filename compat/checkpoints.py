@@ -175,9 +175,13 @@ def fomm_discriminator_variant(state, num_channels=3):
 # ----------------------------------------------------------------------------- mapping
 def map_network_state(kind, network, state):
     """Reference state dict of one network -> (our-named state dict, notes)."""
+    mapped, notes = OrderedDict(), []
+    if state and all(key.startswith("module.") for key in state):
+        state = OrderedDict((key[len("module."):], value) for key, value in state.items())
+        notes.append(f"{network}: saved from a (Distributed)DataParallel wrapper; 'module.' "
+                     "prefix removed")
     rules = network_rules(kind, network, state)
     dropped = DROPPED.get(network, {}) if kind.startswith("safa") else {}
-    mapped, notes = OrderedDict(), []
     for key, value in state.items():
         reason = next((why for pattern, why in dropped.items() if re.match(pattern, key)), None)
         if reason is not None:
@@ -227,8 +231,8 @@ def check_state(mapped, expected, network):
     for key, value in expected.items():
         if tuple(mapped[key].shape) != tuple(value.shape):
             raise ValueError(f"{network}: {key} has shape {tuple(mapped[key].shape)} in the "
-                             f"checkpoint but {tuple(value.shape)} in our network; the model_params "
-                             "used for conversion do not match the checkpoint")
+                             f"checkpoint but {tuple(value.shape)} in our network; the "
+                             "model_params used for conversion do not match the checkpoint")
     return OrderedDict((key, mapped[key]) for key in expected)
 
 

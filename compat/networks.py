@@ -43,7 +43,8 @@ def safa_generator(model_params):
         flame.get("n_shape", 100) + flame.get("n_exp", 50) + tdmm.get("n_pose", 6) + 3
     return SAFAGenerator(
         num_channels=common["num_channels"], num_kp=common["num_kp"],
-        use_3d_motion=safa["use_3d_motion"], use_contextual_attention=safa["use_contextual_attention"],
+        use_3d_motion=safa["use_3d_motion"],
+        use_contextual_attention=safa["use_contextual_attention"],
         use_gade=safa["use_gade"], condition_dim=condition_dim,
         gade_params={"norm": safa.get("gade_norm", "batch")},
         contextual_attention_params={"dilations": dilations, **attention},

@@ -19,9 +19,8 @@ normalized coordinate in two ways, and this is the one switch that chooses betwe
   ``align_corners=True`` to them for the self-consistent convention. At 64 px the two differ by
   at most half a pixel at the border and almost nothing at the centre.
 
-Every function below takes ``align_corners`` (None = ``ALIGN_CORNERS``); nothing else in the
-framework calls ``grid_sample`` or bilinear ``interpolate`` on coordinates without going through
-here or passing that flag on.
+Every function below takes ``align_corners`` (None = ``ALIGN_CORNERS``); networks that warp
+keep their choice in an ``align_corners`` attribute and pass it on.
 """
 import torch
 import torch.nn.functional as F

@@ -110,7 +110,8 @@ class DenseMotionNetwork(nn.Module):
         return flow, self.to_size(heatmap, size), self.to_size(deformed, size)
 
     def resize_extra_flow(self, flow, size):
-        """A caller flow at ``size``: its displacement from the identity shrunk, the grid re-added."""
+        """A caller flow at ``size``: its displacement from the identity shrunk, the identity
+        grid of ``size`` added back."""
         if tuple(flow.shape[1:3]) == tuple(size):
             return flow
         grid = make_coordinate_grid(*flow.shape[1:3], dtype=flow.dtype, device=flow.device)

@@ -1,8 +1,9 @@
 """Keypoint and image helpers shared by the keypoint-based models (FOMM, SAFA and their kin).
 
 Every coordinate here follows ``modules.coords``: normalized [-1, 1], x before y, -1 and +1 on the
-border pixels' centres (sampling with either ``align_corners`` convention, see there). Keypoints are dicts ``{'value': B x K x 2, 'jacobian': B x K x 2 x 2}``
-(``jacobian`` is optional: without it a keypoint moves by translation only).
+border pixels' centres (sampled with either ``align_corners`` convention, see there). Keypoints
+are dicts ``{'value': B x K x 2, 'jacobian': B x K x 2 x 2}`` (``jacobian`` is optional: without
+it a keypoint moves by translation only).
 """
 import numpy as np
 import torch
@@ -191,10 +192,13 @@ class RandomTransform:
             raise ValueError(f"unknown tps_kernel {tps_kernel!r}; expected one of {TPS_KERNELS}")
         transform.tps_kernel, transform.align_corners = tps_kernel, align_corners
         transform.affine = affine
-        transform.control_points = None if control_points is None else control_points.reshape(-1, 2)
+        transform.control_points = None
+        if control_points is not None:
+            transform.control_points = control_points.reshape(-1, 2)
         transform.control_weights = control_weights
-        if control_weights is not None and tps_kernel == "reference" and control_weights.shape[1] == 1:
-            transform.control_weights = control_weights.transpose(1, 2)      # B x 1 x P -> B x P x 1
+        drawn_layout = control_weights is not None and control_weights.shape[1] == 1
+        if tps_kernel == "reference" and drawn_layout:
+            transform.control_weights = control_weights.transpose(1, 2)      # -> B x P x 1
         return transform
 
     def transform_coordinates(self, coordinates):
@@ -277,7 +281,7 @@ class AntiAliasDownsample(nn.Module):
       which store it, map one to one.
     * ``"replicate_bilinear"``: replicate padding (no dark frame at the border) and bilinear
       resampling with ``align_corners`` (see ``modules.coords``), so normalized coordinates mean
-      the same point before and after shrinking. The kernel is not stored.
+      the same point before and after shrinking.
 
     Works for any channel count (the kernel is the same for every channel); ``channels`` only sets
     the stored buffer's shape. ``persistent=False`` keeps the kernel out of the state dict (image

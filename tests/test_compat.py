@@ -85,7 +85,8 @@ def test_released_layouts_map_one_for_one(name):
     params = converted["model_params"]
     assert params["kp_detector_params"]["scale_factor"] == expected["kp_detector_params"][
         "scale_factor"]
-    assert params["kp_detector_params"]["num_blocks"] == expected["kp_detector_params"]["num_blocks"]
+    for key in ("num_blocks", "block_expansion", "max_features"):
+        assert params["kp_detector_params"][key] == expected["kp_detector_params"][key]
     assert params["common_params"] == expected["common_params"]
     assert params["discriminator_params"]["scales"] == expected["discriminator_params"]["scales"]
     disc = expected["discriminator_params"]
@@ -155,6 +156,14 @@ def test_settings_that_do_not_fit_the_checkpoint_are_refused():
     params["kp_detector_params"]["block_expansion"] = 16
     with pytest.raises(ValueError, match="has shape"):
         convert_checkpoint(reference, params)
+
+
+def test_data_parallel_prefix_is_removed():
+    reference = zero_checkpoint("safa/manifest-end2end.json")
+    reference["generator"] = {f"module.{k}": v for k, v in reference["generator"].items()}
+    converted = convert_checkpoint(reference)
+    assert "generator.gade.fc_gamma.weight" in converted["state_dict"]
+    assert any("'module.' prefix removed" in n for n in converted["converted_from"]["notes"])
 
 
 def test_old_checkpoints_without_batch_norm_counters():

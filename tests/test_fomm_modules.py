@@ -390,7 +390,8 @@ def test_generator_identity_motion_warps_nothing():
     assert torch.allclose(generator.warp_feature(features[-1], identity), features[-1], atol=1e-5)
     assert generator.dense_motion_network.align_corners is True
     reference = tiny_generator()
-    assert reference.align_corners is False and reference.dense_motion_network.align_corners is False
+    assert reference.align_corners is False
+    assert reference.dense_motion_network.align_corners is False
     zoomed = reference.warp_feature(features[-1], identity)
     # by hand: grid coordinate i lands on pixel position p = i W / (W - 1) - 1/2 (zero outside)
     feature, width = features[-1][0], SIZE // 4
