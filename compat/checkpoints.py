@@ -154,6 +154,7 @@ def detect_reference(checkpoint):
                          "'state_dict'); it needs no conversion")
     generator = checkpoint.get("generator")
     if isinstance(generator, dict) and "kp_detector" in checkpoint:
+        generator = {key.removeprefix("module."): None for key in generator}
         if any(marker in generator for marker in SAFA_GENERATOR_MARKERS):
             return "safa"
         if "dense_motion_network.mask.weight" in generator or "first.conv.weight" in generator:
