@@ -174,13 +174,21 @@ def fomm_discriminator_variant(state, num_channels=3):
 
 
 # ----------------------------------------------------------------------------- mapping
+def unwrap_data_parallel(checkpoint):
+    """The checkpoint with 'module.' removed from networks saved through a (Distributed)
+    DataParallel wrapper, and a note per such network."""
+    unwrapped, notes = dict(checkpoint), []
+    for name in NETWORK_PREFIXES:
+        state = checkpoint.get(name)
+        if isinstance(state, dict) and state and all(k.startswith("module.") for k in state):
+            unwrapped[name] = OrderedDict((k[len("module."):], v) for k, v in state.items())
+            notes.append(f"{name}: saved through a DataParallel wrapper, 'module.' prefix removed")
+    return unwrapped, notes
+
+
 def map_network_state(kind, network, state):
     """Reference state dict of one network -> (our-named state dict, notes)."""
     mapped, notes = OrderedDict(), []
-    if state and all(key.startswith("module.") for key in state):
-        state = OrderedDict((key[len("module."):], value) for key, value in state.items())
-        notes.append(f"{network}: saved from a (Distributed)DataParallel wrapper; 'module.' "
-                     "prefix removed")
     rules = network_rules(kind, network, state)
     dropped = DROPPED.get(network, {}) if kind.startswith("safa") else {}
     for key, value in state.items():
@@ -342,12 +350,13 @@ def convert_checkpoint(checkpoint, model_params=None):
     ``compat.configs.convert_reference_config`` of its YAML); None = read off the shapes.
     """
     kind = detect_reference(checkpoint)
+    checkpoint, unwrapped = unwrap_data_parallel(checkpoint)
     model = "tdmm" if kind == "safa-tdmm" else kind
     if model_params is None:
         model_params = infer_model_params(kind, checkpoint)
     networks = build_networks(model, model_params, device="meta")
     prefixes = dict(NETWORK_PREFIXES, tdmm="encoder.") if model == "tdmm" else NETWORK_PREFIXES
-    state, notes = OrderedDict(), [f"recognized as a reference {kind} checkpoint"]
+    state, notes = OrderedDict(), [f"recognized as a reference {kind} checkpoint"] + unwrapped
     for name, network in networks.items():
         if name not in checkpoint:
             if name not in OPTIONAL_NETWORKS or model == "tdmm":
