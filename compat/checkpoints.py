@@ -166,7 +166,8 @@ def detect_reference(checkpoint):
 
 
 def fomm_discriminator_variant(state, num_channels=3):
-    """'vox-256' (spectral norm), 'vox-adv-256' (keypoint input), both or neither, as a dict."""
+    """Which released discriminator a state is: spectral norm (vox-256) and/or keypoint heatmap
+    input (vox-adv-256), as ``{'use_spectral_norm', 'use_kp'}``."""
     first = next((v for k, v in state.items() if re.match(r"^discs\.[0-9-]+\.down_blocks\.0\.conv"
                                                           r"\.weight(_orig)?$", k)), None)
     return {"use_spectral_norm": any(k.endswith("weight_orig") for k in state),
@@ -219,7 +220,8 @@ def check_dropped(network, key, value, state):
 
 
 def check_state(mapped, expected, network):
-    """Same keys and shapes as ``expected`` (our network's state dict), else a clear error.
+    """Same keys, shapes and dtypes as ``expected`` (our network's state dict), else a clear
+    error.
 
     Missing ``num_batches_tracked`` counters (torch < 0.4.1 checkpoints) are filled with 0.
     """
@@ -242,6 +244,9 @@ def check_state(mapped, expected, network):
             raise ValueError(f"{network}: {key} has shape {tuple(mapped[key].shape)} in the "
                              f"checkpoint but {tuple(value.shape)} in our network; the "
                              "model_params used for conversion do not match the checkpoint")
+        if mapped[key].dtype != value.dtype:
+            raise ValueError(f"{network}: {key} is {mapped[key].dtype} in the checkpoint but "
+                             f"{value.dtype} in our network")
     return OrderedDict((key, mapped[key]) for key in expected)
 
 
