@@ -38,6 +38,16 @@ where O_ca is low is recovered. The authors' code, read literally, weights the k
 the caller passes 1 - O_ca); since O_ca is learned without supervision the network adapts
 either way. ``map_marks_visible=False`` follows that reading (O_ca = 1 where occluded).
 
+The SAFA authors' code differs in six details, each a constructor switch (default: the choice
+above; the code's value in brackets): ``downsample`` ('nearest': the features are reduced by
+keeping every ``rate``-th pixel), ``similarity`` ('key_normalized': only the keys are normalized,
+with the 1e-4 added to every squared element), ``propagation`` ('flattened': the identity-kernel
+convolution runs on the flattened score matrix, so shifts wrap from one row to the next),
+``key_weighting`` ('mean_scale': the scores are multiplied by each key patch's mean validity
+before and after the softmax), ``overlap`` ('constant': the pasted raw patches are divided by 4,
+their overlap inside the map, also at the borders) and ``paste_back`` (False). With all six and
+``map_marks_visible=False`` the layer computes what the authors' layer computes.
+
 Cost: the score matrix is ``B x L x L`` with ``L = (h / rate) * (w / rate)`` (SAFA: 64x64
 features -> L = 1024, 4 MB per sample in float32, a few copies during propagation); the unfolded
 raw patches are ``B x (C * (2 * rate)^2) x L`` (16 MB per sample at C = 256). Everything is
@@ -61,10 +71,16 @@ def pad_to_multiple(tensor, multiple):
     return F.pad(tensor, (0, pad_w, 0, pad_h), mode="replicate")
 
 
-def normalized_patches(features, patch_size, eps):
-    """Every location's ``patch_size``^2 patch as a unit vector: ``B x (C k k) x L``."""
+def normalized_patches(features, patch_size, eps, per_element_eps=False):
+    """Every location's ``patch_size``^2 patch as a unit vector: ``B x (C k k) x L``.
+
+    The norm is ``sqrt(sum(p^2) + eps)``, or ``sqrt(sum(p^2 + eps))`` with ``per_element_eps``
+    (the authors' form).
+    """
     patches = F.unfold(features, patch_size, padding=patch_size // 2)
-    return patches / torch.sqrt(patches.pow(2).sum(dim=1, keepdim=True) + eps)
+    squared = patches.pow(2) + eps if per_element_eps else patches.pow(2)
+    total = squared.sum(dim=1, keepdim=True)
+    return patches / torch.sqrt(total if per_element_eps else total + eps)
 
 
 def shifted_sum(grid, key_dim, query_dim, radius):
@@ -82,17 +98,28 @@ def shifted_sum(grid, key_dim, query_dim, radius):
     return out
 
 
-def propagate_scores(scores, height, width, size):
+def propagate_scores(scores, height, width, size, flattened=False):
     """Attention propagation of Yu et al.: identity-kernel convolution along x, then along y.
 
     ``scores``: ``B x L_key x L_query`` on an ``height x width`` grid (row-major, both axes).
     Result (key k, query q) = sum over shifts (dy, dx) in the ``size`` x ``size`` window of
     score(k + (dy, dx), q + (dy, dx)), zero outside the grid. Done with shifted slices of the
     (key y, key x, query y, query x) view, which is what the identity kernel computes.
+
+    ``flattened``: the authors' form, the identity kernel run over the flattened score matrix:
+    the x pass shifts the row-major indices (a shift past a row's end continues on the next
+    row), the y pass the column-major ones.
     """
     if size <= 1:
         return scores
-    grid = scores.reshape(scores.shape[0], height, width, height, width)
+    batch = scores.shape[0]
+    if flattened:
+        out = shifted_sum(scores, 1, 2, size // 2)                          # along x (row-major)
+        out = out.reshape(batch, height, width, height, width).permute(0, 2, 1, 4, 3)
+        out = shifted_sum(out.reshape(batch, height * width, height * width), 1, 2, size // 2)
+        out = out.reshape(batch, width, height, width, height).permute(0, 2, 1, 4, 3)
+        return out.reshape(scores.shape)
+    grid = scores.reshape(batch, height, width, height, width)
     grid = shifted_sum(grid, 2, 4, size // 2)                            # along x
     grid = shifted_sum(grid, 1, 3, size // 2)                            # along y
     return grid.reshape(scores.shape)
@@ -115,6 +142,18 @@ class ContextualAttention(nn.Module):
         paste_back: keep the input where visible, reconstruction only where occluded (True).
         map_marks_visible: the map given to ``forward`` is 1 where visible (True, the paper's
             O_ca) or 1 where occluded (False, the authors' code read literally).
+        downsample: how the features (and the map) are reduced for matching: 'avg' (average
+            pooling over ``rate`` x ``rate`` blocks) or 'nearest' (every ``rate``-th pixel, the
+            authors').
+        similarity: 'cosine' (queries and keys normalized) or 'key_normalized' (keys only, the
+            1e-4 added to each squared element: the authors').
+        propagation: 'grid' (no wrap-around) or 'flattened' (the authors'; see
+            :func:`propagate_scores`).
+        key_weighting: 'min_log' (log of each key patch's minimum visibility added to the logits)
+            or 'mean_scale' (scores times the key patch's mean visibility, before and after the
+            softmax: the authors').
+        overlap: 'coverage' (pasted raw patches divided by how many cover each pixel) or
+            'constant' (divided by 4, their overlap away from the border: the authors').
 
     ``forward(features, occlusion_map)``:
         features       ``B x C x H x W``
@@ -122,9 +161,25 @@ class ContextualAttention(nn.Module):
         returns        ``B x C x H x W``
     """
 
+    DOWNSAMPLES = ("avg", "nearest")
+    SIMILARITIES = ("cosine", "key_normalized")
+    PROPAGATIONS = ("grid", "flattened")
+    KEY_WEIGHTINGS = ("min_log", "mean_scale")
+    OVERLAPS = ("coverage", "constant")
+
     def __init__(self, patch_size=3, rate=2, softmax_scale=10.0, fuse_size=3,
-                 paste_back=True, map_marks_visible=True, eps=1e-4):
+                 paste_back=True, map_marks_visible=True, eps=1e-4, downsample="avg",
+                 similarity="cosine", propagation="grid", key_weighting="min_log",
+                 overlap="coverage"):
         super().__init__()
+        for name, value, allowed in (("downsample", downsample, self.DOWNSAMPLES),
+                                     ("similarity", similarity, self.SIMILARITIES),
+                                     ("propagation", propagation, self.PROPAGATIONS),
+                                     ("key_weighting", key_weighting, self.KEY_WEIGHTINGS),
+                                     ("overlap", overlap, self.OVERLAPS)):
+            if value not in allowed:
+                raise ValueError(f"contextual attention: unknown {name} {value!r}; expected one "
+                                 f"of {allowed}")
         self.patch_size = patch_size
         self.rate = rate
         self.softmax_scale = softmax_scale
@@ -132,28 +187,56 @@ class ContextualAttention(nn.Module):
         self.paste_back = paste_back
         self.map_marks_visible = map_marks_visible
         self.eps = eps
+        self.downsample = downsample
+        self.similarity = similarity
+        self.propagation = propagation
+        self.key_weighting = key_weighting
+        self.overlap = overlap
 
     def visibility(self, occlusion_map, size, dtype):
         """V in [0, 1], 1 = visible, at the features' resolution."""
         visible = resize_map(occlusion_map, size).to(dtype)
         return visible if self.map_marks_visible else 1.0 - visible
 
+    def reduce(self, maps):
+        """Maps at the matching resolution (1 / ``rate``)."""
+        if self.downsample == "nearest":
+            return maps[..., ::self.rate, ::self.rate]
+        return F.avg_pool2d(maps, self.rate)
+
     def key_validity(self, visible):
-        """How usable each reduced-resolution patch is as a source (min visibility): ``B x L``."""
+        """How usable each reduced-resolution patch is as a source: ``B x L``. The minimum
+        visibility over its support ('min_log'), or the mean over its zero-padded patch at the
+        matching resolution ('mean_scale')."""
+        if self.key_weighting == "mean_scale":
+            padding = self.patch_size // 2
+            return F.avg_pool2d(self.reduce(visible), self.patch_size, stride=1,
+                                padding=padding, count_include_pad=True).flatten(1)
         blocks = min_pool(visible, self.rate)
         patches = min_pool(blocks, self.patch_size, stride=1, padding=self.patch_size // 2)
         return patches.flatten(1)
 
-    def attention(self, features, visible):
-        """Softmax over keys of the propagated cosine scores: ``B x L_key x L_query``."""
-        reduced = F.avg_pool2d(features, self.rate)
-        height, width = reduced.shape[-2:]
+    def scores(self, reduced):
+        """Patch similarity, key x query: ``B x L x L``."""
+        if self.similarity == "key_normalized":
+            keys = normalized_patches(reduced, self.patch_size, self.eps, per_element_eps=True)
+            queries = F.unfold(reduced, self.patch_size, padding=self.patch_size // 2)
+            return torch.bmm(keys.transpose(1, 2), queries)
         patches = normalized_patches(reduced, self.patch_size, self.eps)     # B x D x L
-        scores = torch.bmm(patches.transpose(1, 2), patches)                  # key x query
-        scores = propagate_scores(scores, height, width, self.fuse_size)
+        return torch.bmm(patches.transpose(1, 2), patches)
+
+    def attention(self, features, visible):
+        """Softmax over keys of the propagated scores: ``B x L_key x L_query``."""
+        reduced = self.reduce(features)
+        height, width = reduced.shape[-2:]
+        scores = propagate_scores(self.scores(reduced), height, width, self.fuse_size,
+                                  flattened=self.propagation == "flattened")
+        validity = self.key_validity(visible).float()[:, :, None]
+        if self.key_weighting == "mean_scale":
+            weights = F.softmax(self.softmax_scale * scores.float() * validity, dim=1) * validity
+            return weights.to(features.dtype)
         # logits in float32: log(1e-8) must not underflow to -inf under half precision
-        log_validity = torch.log(self.key_validity(visible).float().clamp_min(1e-8))
-        logits = self.softmax_scale * scores.float() + log_validity[:, :, None]
+        logits = self.softmax_scale * scores.float() + torch.log(validity.clamp_min(1e-8))
         return F.softmax(logits, dim=1).to(features.dtype)
 
     def paste_patches(self, features, attention):
@@ -163,11 +246,14 @@ class ContextualAttention(nn.Module):
         padded = F.pad(features, (before, after, before, after))
         raw = F.unfold(padded, size, stride=stride)                         # B x (C s s) x L
         pasted = F.fold(torch.bmm(raw, attention), padded.shape[-2:], size, stride=stride)
-        ones = torch.ones_like(padded[:1, :1])
-        coverage = F.fold(F.unfold(ones, size, stride=stride), padded.shape[-2:], size,
-                          stride=stride)
+        if self.overlap == "constant":
+            coverage = (size // stride) ** 2                  # 4: the overlap inside the map
+        else:
+            ones = torch.ones_like(padded[:1, :1])
+            coverage = F.fold(F.unfold(ones, size, stride=stride), padded.shape[-2:], size,
+                              stride=stride).clamp_min(1.0)
         height, width = features.shape[-2:]
-        pasted = pasted / coverage.clamp_min(1.0)
+        pasted = pasted / coverage
         return pasted[..., before:before + height, before:before + width]
 
     def forward(self, features, occlusion_map):

@@ -1,21 +1,53 @@
 """Coordinate conventions shared by every model: one place for grids, pixel<->normalized and warping.
 
-Convention (DESIGN.md section 4): 2D points are normalized to [-1, 1], x before y, and we use
-``align_corners=True`` everywhere: -1 and +1 are the *centres* of the first and last pixels, so a
-pixel index ``i`` (centre of pixel i, 0-based) maps to ``2 * i / (W - 1) - 1``. Landmarks stored in
-pixels follow the same pixel-index convention. Flows are backward: ``B x H x W x 2`` giving, for each
-output pixel, where to sample in the source.
+Coordinates. 2D points are normalized to [-1, 1], x before y. The coordinate grid puts -1 and +1
+on the *centres* of the first and last pixels (``linspace(-1, 1, W)``), so a pixel index ``i``
+(centre of pixel i, 0-based) maps to ``2 * i / (W - 1) - 1``. Keypoints, heatmap means and
+landmarks stored in pixels all use this grid. Flows are backward: ``B x H x W x 2`` giving, for
+each output pixel, where to sample in the source.
+
+Sampling convention (``align_corners``). ``grid_sample`` and bilinear resizing can read a
+normalized coordinate in two ways, and this is the one switch that chooses between them:
+
+* ``align_corners=True`` (``ALIGN_CORNERS``, the framework's default for these helpers): -1 and +1
+  are pixel centres, the same as the coordinate grid. Sampling an image at the identity grid
+  returns it unchanged and coordinates mean the same point at every resolution.
+* ``align_corners=False`` (``REFERENCE_ALIGN_CORNERS``): -1 and +1 are the outer *edges* of the
+  border pixels. This is PyTorch's default and what the public FOMM and SAFA code sample and
+  resize with (on the linspace grid above), so their released weights expect it. The FOMM/SAFA
+  networks (dense motion, generators, the random equivariance transform) default to it; pass
+  ``align_corners=True`` to them for the self-consistent convention. At 64 px the two differ by
+  at most half a pixel at the border and almost nothing at the centre.
+
+Every function below takes ``align_corners`` (None = ``ALIGN_CORNERS``); networks that warp
+keep their choice in an ``align_corners`` attribute and pass it on.
 """
 import torch
 import torch.nn.functional as F
 
-ALIGN_CORNERS = True
+ALIGN_CORNERS = True              # default of the helpers below (pixel centres at -1 and +1)
+REFERENCE_ALIGN_CORNERS = False   # the FOMM / SAFA reference code's sampling convention
+
+
+def resolve_align_corners(align_corners):
+    """``align_corners`` or, when None, the framework default :data:`ALIGN_CORNERS`."""
+    return ALIGN_CORNERS if align_corners is None else bool(align_corners)
+
+
+def axis_coordinates(size, dtype=torch.float32, device=None):
+    """``size`` normalized pixel-centre coordinates from -1 to 1 (a single pixel sits at -1)."""
+    index = torch.arange(size, dtype=dtype, device=device)
+    return 2 * (index / max(size - 1, 1)) - 1
 
 
 def make_coordinate_grid(height, width, dtype=torch.float32, device=None):
-    """``H x W x 2`` grid of normalized (x, y) pixel-centre coordinates (the identity flow)."""
-    x = torch.linspace(-1.0, 1.0, width, dtype=dtype, device=device)
-    y = torch.linspace(-1.0, 1.0, height, dtype=dtype, device=device)
+    """``H x W x 2`` grid of normalized (x, y) pixel-centre coordinates (the identity flow).
+
+    Computed as ``2 * (i / (n - 1)) - 1``, the reference code's arithmetic, which can differ from
+    ``linspace(-1, 1, n)`` in the last bit; bit-equal grids keep parity checks tight.
+    """
+    x = axis_coordinates(width, dtype, device)
+    y = axis_coordinates(height, dtype, device)
     yy, xx = torch.meshgrid(y, x, indexing="ij")
     return torch.stack([xx, yy], dim=-1)
 
@@ -39,28 +71,30 @@ def normalized_to_pixels(points, height, width):
     return (points + 1.0) * 0.5 * scale
 
 
-def resize_flow(flow, size):
+def resize_flow(flow, size, align_corners=None):
     """``B x H x W x 2`` flow bilinearly resampled to ``size`` (values are coordinates: unchanged)."""
     if tuple(flow.shape[1:3]) == tuple(size):
         return flow
     resized = F.interpolate(flow.permute(0, 3, 1, 2), size=tuple(size), mode="bilinear",
-                            align_corners=ALIGN_CORNERS)
+                            align_corners=resolve_align_corners(align_corners))
     return resized.permute(0, 2, 3, 1)
 
 
-def resize_map(values, size):
+def resize_map(values, size, align_corners=None):
     """A ``B x C x h x w`` map bilinearly resized to ``size`` (no-op when it already fits)."""
     if tuple(values.shape[-2:]) == tuple(size):
         return values
-    return F.interpolate(values, size=tuple(size), mode="bilinear", align_corners=ALIGN_CORNERS)
+    return F.interpolate(values, size=tuple(size), mode="bilinear",
+                         align_corners=resolve_align_corners(align_corners))
 
 
-def warp(image, flow, padding_mode="zeros"):
+def warp(image, flow, padding_mode="zeros", align_corners=None):
     """Backward-warp ``image`` (B x C x h x w) with ``flow`` (B x H x W x 2, normalized coords).
 
     The flow is resized to the image's resolution first when they differ, so one dense flow can warp
     every level of a feature pyramid.
     """
-    flow = resize_flow(flow, image.shape[2:])
+    align_corners = resolve_align_corners(align_corners)
+    flow = resize_flow(flow, image.shape[2:], align_corners)
     return F.grid_sample(image, flow.to(image.dtype), mode="bilinear", padding_mode=padding_mode,
-                         align_corners=ALIGN_CORNERS)
+                         align_corners=align_corners)

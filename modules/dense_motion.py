@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from modules.blocks import Hourglass
-from modules.coords import ALIGN_CORNERS, resize_flow, warp
+from modules.coords import REFERENCE_ALIGN_CORNERS, make_coordinate_grid, resize_map, warp
 from modules.util import (KP_VARIANCE, AntiAliasDownsample, identity_flows,
                           keypoint_heatmap_differences, sparse_affine_flows)
 
@@ -30,7 +30,9 @@ class ExtraMotion:
 
     flow:     ``B x H x W x 2`` backward flow into the source (normalized coordinates). It must be
               a valid sampling grid everywhere: fill pixels the motion does not cover with the
-              identity grid (``coords.make_coordinate_grid``).
+              identity grid (``coords.make_coordinate_grid``). It is brought to the working
+              resolution as a displacement: ``flow - grid`` is shrunk like the images (anti-aliased)
+              and the working resolution's identity grid added back (SAFA's 3D motion field).
     heatmap:  ``B x 1 x H x W`` (or ``B x H x W``): where this motion happens (SAFA: H_3D, eq. 11).
     deformed: ``B x C x H x W`` source image under this motion (SAFA: the rendered I_r); None
               means "warp the source with ``flow``".
@@ -55,13 +57,21 @@ class DenseMotionNetwork(nn.Module):
 
     def __init__(self, num_kp=10, num_channels=3, block_expansion=64, max_features=1024,
                  num_blocks=5, scale_factor=0.25, num_occlusion_maps=1, num_extra_motions=0,
-                 kp_variance=KP_VARIANCE, norm="batch"):
+                 kp_variance=KP_VARIANCE, norm="batch", align_corners=REFERENCE_ALIGN_CORNERS,
+                 downsample_method="gaussian_subsample"):
         super().__init__()
+        self.align_corners = align_corners
         self.num_kp = num_kp
         self.num_extra_motions = num_extra_motions
         self.num_motions = 1 + num_kp + num_extra_motions
         self.kp_variance = kp_variance
-        self.downsample = AntiAliasDownsample(scale_factor)
+        self.downsample = AntiAliasDownsample(scale_factor, channels=num_channels,
+                                              method=downsample_method, align_corners=align_corners)
+        self.flow_downsample = None          # extra motions' displacements (2 channels, x and y)
+        if num_extra_motions:
+            self.flow_downsample = AntiAliasDownsample(scale_factor, channels=2,
+                                                       method=downsample_method,
+                                                       align_corners=align_corners)
         in_features = self.num_motions * (num_channels + 1)   # per slot: heatmap + deformed source
         self.hourglass = Hourglass(block_expansion, in_features, num_blocks, max_features, norm)
         self.mask_head = nn.Conv2d(self.hourglass.out_filters, self.num_motions, kernel_size=7,
@@ -81,31 +91,44 @@ class DenseMotionNetwork(nn.Module):
         heatmaps = torch.cat([kp_heatmaps.new_zeros(batch, 1, height, width), kp_heatmaps], dim=1)
         return flows, heatmaps[:, :, None], self.deform_source(source, flows)
 
-    @staticmethod
-    def deform_source(source, flows):
+    def deform_source(self, source, flows):
         """The source warped by each flow: ``B x N x C x h x w``."""
         batch, slots = flows.shape[:2]
         repeated = source[:, None].expand(-1, slots, -1, -1, -1).flatten(0, 1)
-        deformed = warp(repeated, flows.flatten(0, 1))
+        deformed = warp(repeated, flows.flatten(0, 1), align_corners=self.align_corners)
         return deformed.view(batch, slots, *source.shape[1:])
 
     def extra_slot(self, source_image, motion, size):
         """One caller motion brought to the working resolution ``size``."""
-        flow = resize_flow(motion.flow, size)
-        deformed = motion.deformed if motion.deformed is not None else warp(source_image,
-                                                                            motion.flow)
+        flow = self.resize_extra_flow(motion.flow, size)
+        deformed = motion.deformed
+        if deformed is None:
+            deformed = warp(source_image, motion.flow, align_corners=self.align_corners)
         heatmap = motion.heatmap if motion.heatmap.dim() == 4 else motion.heatmap[:, None]
         if heatmap.shape[1] != 1:
             raise ValueError(f"an extra motion's heatmap must have 1 channel, got {heatmap.shape}")
         return flow, self.to_size(heatmap, size), self.to_size(deformed, size)
 
-    def to_size(self, image, size):
+    def resize_extra_flow(self, flow, size):
+        """A caller flow at ``size``: its displacement from the identity shrunk, the identity
+        grid of ``size`` added back."""
+        if tuple(flow.shape[1:3]) == tuple(size):
+            return flow
+        grid = make_coordinate_grid(*flow.shape[1:3], dtype=flow.dtype, device=flow.device)
+        displacement = (flow - grid).permute(0, 3, 1, 2)
+        displacement = self.to_size(displacement, size, self.flow_downsample)
+        return displacement.permute(0, 2, 3, 1) + make_coordinate_grid(
+            *size, dtype=flow.dtype, device=flow.device)
+
+    def to_size(self, image, size, downsample=None):
+        """``image`` at ``size``: anti-aliased shrinking from the source's resolution, else
+        bilinear resizing."""
         if tuple(image.shape[-2:]) == tuple(size):
             return image
-        shrunk = self.downsample(image)
+        shrunk = (downsample if downsample is not None else self.downsample)(image)
         if tuple(shrunk.shape[-2:]) == tuple(size):
             return shrunk
-        return F.interpolate(image, size=size, mode="bilinear", align_corners=ALIGN_CORNERS)
+        return resize_map(image, size, self.align_corners)
 
     def gather_slots(self, source_image, kp_driving, kp_source, extra_motions):
         """All slots' ``(flows, heatmaps, deformed)`` at the working resolution."""

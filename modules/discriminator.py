@@ -2,14 +2,22 @@
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils.parametrizations import spectral_norm
 
 from modules.blocks import level_channels, make_norm
 from modules.util import KP_VARIANCE, ImagePyramid, kp2gaussian
 
 
-def maybe_spectral_norm(layer, use_spectral_norm):
-    return spectral_norm(layer) if use_spectral_norm else layer
+def reference_spectral_norm(layer, enabled):
+    """``layer`` with spectral normalization of its weight when ``enabled``, as the reference.
+
+    This is torch's original hook form (``torch.nn.utils.spectral_norm``), not the parametrization
+    used elsewhere in the framework, on purpose: its state entries are ``weight_orig``,
+    ``weight_u`` and ``weight_v`` like the released discriminators', and each training-mode call
+    runs one power iteration in the reference's order (v from u, then u from v) before dividing
+    by sigma = u^T W v, so the power-iteration buffers evolve exactly as in the reference code.
+    In eval mode both forms divide by u^T W v with the stored vectors.
+    """
+    return nn.utils.spectral_norm(layer) if enabled else layer
 
 
 class DiscriminatorBlock(nn.Module):
@@ -19,7 +27,7 @@ class DiscriminatorBlock(nn.Module):
                  use_spectral_norm=False):
         super().__init__()
         conv = nn.Conv2d(in_features, out_features, kernel_size=kernel_size)
-        self.conv = maybe_spectral_norm(conv, use_spectral_norm)
+        self.conv = reference_spectral_norm(conv, use_spectral_norm)
         self.norm = make_norm(out_features, "instance" if norm else "none")
         self.pool = pool
 
@@ -31,9 +39,10 @@ class DiscriminatorBlock(nn.Module):
 class PatchDiscriminator(nn.Module):
     """``num_blocks`` discriminator blocks and a 1x1 conv to a map of real/fake scores.
 
-    Instance norm after the first block only; every block but the last halves the resolution. With
-    ``use_kp`` the keypoints' gaussian heatmaps are concatenated to the image. The input must be
-    large enough for the unpadded 4x4 convs (about 46 px for 4 blocks).
+    Instance norm (affine) on every block except the first, which sees the raw image (pix2pixHD /
+    FOMM). Every block but the last halves the resolution. With ``use_kp`` the keypoints'
+    gaussian heatmaps are concatenated to the image. The input must be large enough for the
+    unpadded 4x4 convs (about 46 px for 4 blocks).
     """
 
     def __init__(self, num_channels=3, block_expansion=32, num_blocks=4, max_features=512,
@@ -44,10 +53,11 @@ class PatchDiscriminator(nn.Module):
         channels = [num_channels + (num_kp if use_kp else 0)] + [
             level_channels(block_expansion, i + 1, max_features) for i in range(num_blocks)]
         self.blocks = nn.ModuleList(
-            DiscriminatorBlock(channels[i], channels[i + 1], norm=(i == 0),
+            DiscriminatorBlock(channels[i], channels[i + 1], norm=(i != 0),
                                pool=(i != num_blocks - 1), use_spectral_norm=use_spectral_norm)
             for i in range(num_blocks))
-        self.head = maybe_spectral_norm(nn.Conv2d(channels[-1], 1, kernel_size=1), use_spectral_norm)
+        self.head = reference_spectral_norm(nn.Conv2d(channels[-1], 1, kernel_size=1),
+                                            use_spectral_norm)
 
     def forward(self, image, kp=None):
         """``(features: list of every block's output, prediction: B x 1 x h x w)``."""
@@ -68,12 +78,14 @@ class MultiScaleDiscriminator(nn.Module):
     """One :class:`PatchDiscriminator` per scale of an anti-aliased image pyramid.
 
     ``forward(image, kp=None)`` returns ``{scale: {'features': [...], 'prediction': map}}``.
+    ``pyramid_method``: how the pyramid shrinks the image (``modules.util.ImagePyramid``; default
+    the reference's gaussian blur + subsampling).
     """
 
-    def __init__(self, scales=(1.0,), **discriminator_params):
+    def __init__(self, scales=(1.0,), pyramid_method="gaussian_subsample", **discriminator_params):
         super().__init__()
         self.scales = [float(s) for s in scales]
-        self.pyramid = ImagePyramid(self.scales)
+        self.pyramid = ImagePyramid(self.scales, method=pyramid_method)
         self.discriminators = nn.ModuleList(PatchDiscriminator(**discriminator_params)
                                             for _ in self.scales)
 

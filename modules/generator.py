@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from modules.blocks import DownBlock2d, ResBlock2d, SameBlock2d, UpBlock2d, level_channels
-from modules.coords import resize_map, warp
+from modules.coords import REFERENCE_ALIGN_CORNERS, resize_map, warp
 from modules.dense_motion import DenseMotionNetwork
 
 
@@ -28,16 +28,20 @@ class OcclusionAwareGenerator(nn.Module):
     concatenated after every up block (U-Net, as in SAFA); FOMM decodes without them.
     ``dense_motion_params``: keyword arguments of :class:`DenseMotionNetwork` (None: no motion,
     the source features pass unwarped).
+    ``align_corners``: sampling convention of every warp and resize (``modules.coords``; default
+    the reference code's), also given to the dense motion network unless its params set it.
     """
 
     def __init__(self, num_channels=3, num_kp=10, block_expansion=64, max_features=512,
                  num_down_blocks=2, num_bottleneck_blocks=6, dense_motion_params=None,
-                 skip_connections=False, norm="batch"):
+                 skip_connections=False, norm="batch", align_corners=REFERENCE_ALIGN_CORNERS):
         super().__init__()
+        self.align_corners = align_corners
         self.num_down_blocks = num_down_blocks
         self.skip_connections = skip_connections
         self.dense_motion_network = None
         if dense_motion_params is not None:
+            dense_motion_params = dict({"align_corners": align_corners}, **dense_motion_params)
             self.dense_motion_network = DenseMotionNetwork(num_kp=num_kp, num_channels=num_channels,
                                                            **dense_motion_params)
         channels = [level_channels(block_expansion, i, max_features)
@@ -75,17 +79,15 @@ class OcclusionAwareGenerator(nn.Module):
             features.append(block(features[-1]))
         return features
 
-    @staticmethod
-    def warp_feature(feature, deformation):
+    def warp_feature(self, feature, deformation):
         """One feature map warped by the dense flow (resized to the feature's resolution)."""
-        return warp(feature, deformation)
+        return warp(feature, deformation, align_corners=self.align_corners)
 
-    @staticmethod
-    def occlude(feature, occlusion_map):
+    def occlude(self, feature, occlusion_map):
         """FOMM's use of the occlusion map: features multiplied by it (resized to fit)."""
         if occlusion_map is None:
             return feature
-        return feature * resize_map(occlusion_map, feature.shape[-2:])
+        return feature * resize_map(occlusion_map, feature.shape[-2:], self.align_corners)
 
     def warp_features(self, features, motion):
         """Warp (and occlude) the levels the decoder uses: all with skips, else only the top."""
@@ -118,13 +120,13 @@ class OcclusionAwareGenerator(nn.Module):
         prediction = self.decode(self.bottleneck(warped[-1]), warped[:-1])
         return self.outputs(source_image, motion, prediction)
 
-    @staticmethod
-    def outputs(source_image, motion, prediction):
+    def outputs(self, source_image, motion, prediction):
         """The output dict: prediction plus the motion's maps and the source under the dense flow."""
         result = {"prediction": prediction}
         for key in ("mask", "sparse_deformed", "deformation", "occlusion_map", "occlusion_maps"):
             if key in motion:
                 result[key] = motion[key]
         if "deformation" in motion:
-            result["deformed"] = warp(source_image, motion["deformation"])
+            result["deformed"] = warp(source_image, motion["deformation"],
+                                      align_corners=self.align_corners)
         return result

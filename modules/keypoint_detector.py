@@ -11,29 +11,37 @@ from modules.util import AntiAliasDownsample
 class KPDetector(nn.Module):
     """An hourglass predicts K heatmaps; each keypoint is its heatmap's mean coordinate.
 
-    The image is first shrunk by ``scale_factor`` (anti-aliased). Heatmaps are a spatial softmax
-    of 7x7-conv logits divided by ``temperature``. With ``estimate_jacobian`` a second 7x7 head
-    predicts 4 numbers per keypoint and pixel (or one shared set with ``single_jacobian_map``);
-    the keypoint's Jacobian is their heatmap-weighted average. That head starts at weight 0, bias
-    identity, so every Jacobian is exactly the identity at initialization.
+    The image is first shrunk by ``scale_factor`` (anti-aliased, :class:`AntiAliasDownsample`).
+    Heatmaps are a spatial softmax of 7x7-conv logits divided by ``temperature``. With
+    ``estimate_jacobian`` a second 7x7 head predicts 4 numbers per keypoint and pixel (or one
+    shared set with ``single_jacobian_map``); the keypoint's Jacobian is their heatmap-weighted
+    average. That head starts at weight 0, bias identity, so every Jacobian is exactly the identity
+    at initialization.
 
-    Returns ``{'value': B x K x 2, 'jacobian': B x K x 2 x 2}`` (no 'jacobian' without it).
+    ``head_padding``: padding of the two 7x7 heads. 0 (default) is the reference network: the
+    heads see only full 7x7 windows, so a 64x64 feature map gives 58x58 heatmaps whose grid spans
+    [-1, 1] all the same (keypoints cannot sit in the outermost 3 pixels). 3 keeps the
+    heatmaps at the feature resolution (same parameters, so the same weights load either way).
+
+    ``forward`` returns ``{'value': B x K x 2, 'jacobian': B x K x 2 x 2}`` (no 'jacobian'
+    without it); :meth:`detect` also returns the intermediate maps.
     """
 
     def __init__(self, num_kp=10, num_channels=3, block_expansion=32, max_features=1024,
                  num_blocks=5, temperature=0.1, estimate_jacobian=True, scale_factor=0.25,
-                 single_jacobian_map=False, norm="batch"):
+                 single_jacobian_map=False, norm="batch", head_padding=0):
         super().__init__()
         self.num_kp = num_kp
         self.temperature = temperature
-        self.downsample = AntiAliasDownsample(scale_factor)
+        self.downsample = AntiAliasDownsample(scale_factor, channels=num_channels)
         self.predictor = Hourglass(block_expansion, num_channels, num_blocks, max_features, norm)
-        self.heatmap_head = nn.Conv2d(self.predictor.out_filters, num_kp, kernel_size=7, padding=3)
+        self.heatmap_head = nn.Conv2d(self.predictor.out_filters, num_kp, kernel_size=7,
+                                      padding=head_padding)
         self.jacobian_head = None
         if estimate_jacobian:
             self.num_jacobian_maps = 1 if single_jacobian_map else num_kp
             self.jacobian_head = nn.Conv2d(self.predictor.out_filters, 4 * self.num_jacobian_maps,
-                                           kernel_size=7, padding=3)
+                                           kernel_size=7, padding=head_padding)
             self.reset_jacobian_head()
 
     def reset_jacobian_head(self):
@@ -44,8 +52,11 @@ class KPDetector(nn.Module):
             self.jacobian_head.bias.copy_(identity.repeat(self.num_jacobian_maps))
 
     def heatmaps(self, features):
+        """Heatmaps of the predictor's features: ``B x K x h x w``, each sums to 1."""
+        return self.softmax_heatmaps(self.heatmap_head(features))
+
+    def softmax_heatmaps(self, logits):
         """Spatial softmax of the heatmap logits at ``temperature``: ``B x K x h x w``, sums to 1."""
-        logits = self.heatmap_head(features)
         batch, kps, height, width = logits.shape
         weights = F.softmax(logits.flatten(2) / self.temperature, dim=2)
         return weights.view(batch, kps, height, width)
@@ -55,22 +66,35 @@ class KPDetector(nn.Module):
         """Expected normalized (x, y) coordinate under each heatmap: ``B x K x 2``."""
         grid = make_coordinate_grid(*heatmaps.shape[-2:], dtype=heatmaps.dtype,
                                     device=heatmaps.device)
-        return torch.einsum("bkhw,hwc->bkc", heatmaps, grid)
+        return (heatmaps[..., None] * grid).sum(dim=(2, 3))   # product + sum: the reference's order
 
     def jacobians(self, features, heatmaps):
         """Heatmap-weighted average of the Jacobian head: ``B x K x 2 x 2``."""
-        maps = self.jacobian_head(features)
-        batch, _, height, width = maps.shape
-        maps = maps.view(batch, self.num_jacobian_maps, 4, height, width)
+        return self.average_jacobians(self.jacobian_head(features), heatmaps)
+
+    def average_jacobians(self, jacobian_map, heatmaps):
+        """Heatmap-weighted average of the Jacobian head's maps: ``B x K x 2 x 2``."""
+        batch, _, height, width = jacobian_map.shape
+        maps = jacobian_map.view(batch, self.num_jacobian_maps, 4, height, width)
         if self.num_jacobian_maps == 1:
             maps = maps.expand(-1, self.num_kp, -1, -1, -1)
-        jacobian = torch.einsum("bkhw,bkchw->bkc", heatmaps, maps)
+        jacobian = (heatmaps[:, :, None] * maps).flatten(3).sum(dim=-1)     # B x K x 4
         return jacobian.view(batch, self.num_kp, 2, 2)
 
-    def forward(self, image):
-        features = self.predictor(self.downsample(image))
-        heatmaps = self.heatmaps(features)
-        keypoints = {"value": self.heatmap_means(heatmaps)}
+    def detect(self, image):
+        """Keypoints plus the intermediate maps: ``downsampled_input``, ``heatmap_logits``,
+        ``heatmaps`` and (with Jacobians) ``jacobian_map``."""
+        downsampled = self.downsample(image)
+        features = self.predictor(downsampled)
+        logits = self.heatmap_head(features)
+        heatmaps = self.softmax_heatmaps(logits)
+        result = {"value": self.heatmap_means(heatmaps), "downsampled_input": downsampled,
+                  "heatmap_logits": logits, "heatmaps": heatmaps}
         if self.jacobian_head is not None:
-            keypoints["jacobian"] = self.jacobians(features, heatmaps)
-        return keypoints
+            result["jacobian_map"] = self.jacobian_head(features)
+            result["jacobian"] = self.average_jacobians(result["jacobian_map"], heatmaps)
+        return result
+
+    def forward(self, image):
+        detected = self.detect(image)
+        return {key: detected[key] for key in ("value", "jacobian") if key in detected}

@@ -1,15 +1,17 @@
 """Keypoint and image helpers shared by the keypoint-based models (FOMM, SAFA and their kin).
 
-Every coordinate here follows ``modules.coords``: normalized [-1, 1], x before y,
-``align_corners=True``. Keypoints are dicts ``{'value': B x K x 2, 'jacobian': B x K x 2 x 2}``
-(``jacobian`` is optional: without it a keypoint moves by translation only).
+Every coordinate here follows ``modules.coords``: normalized [-1, 1], x before y, -1 and +1 on the
+border pixels' centres (sampled with either ``align_corners`` convention, see there). Keypoints
+are dicts ``{'value': B x K x 2, 'jacobian': B x K x 2 x 2}`` (``jacobian`` is optional: without
+it a keypoint moves by translation only).
 """
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from modules.coords import ALIGN_CORNERS, make_coordinate_grid, warp
+from modules.coords import (ALIGN_CORNERS, REFERENCE_ALIGN_CORNERS, make_coordinate_grid,
+                            resolve_align_corners, warp)
 
 KP_VARIANCE = 0.01  # sigma of the keypoint gaussians, eq. 10 of SAFA (FOMM's kp_variance)
 
@@ -90,18 +92,30 @@ def movement_scale(kp_source, kp_reference):
 
 
 def relative_keypoints(kp_source, kp_driving, kp_reference, adapt_movement_scale=False,
-                       use_relative_movement=True, use_relative_jacobian=True):
+                       use_relative_movement=True, use_relative_jacobian=True,
+                       scale_from_first_sample=False):
     """Keypoints that move the source as the driving frame moved since the reference frame.
 
     value:    p_S + (p_Dt - p_Dr) * scale
     jacobian: J_Dt J_Dr^-1 J_S
     With these as 'driving' keypoints, eq. 9 becomes SAFA's eq. 21:
     T(z) = p_S + J_Dr J_Dt^-1 (z - p_S + p_Dr - p_Dt).
-    ``scale`` is sqrt(hull area of source / hull area of reference) when ``adapt_movement_scale``.
+    ``scale`` is sqrt(hull area of source / hull area of reference) when ``adapt_movement_scale``,
+    1 otherwise. Without ``use_relative_movement`` the driving keypoints are returned as they are
+    (absolute motion); ``use_relative_jacobian`` only acts with relative movement.
+
+    ``scale_from_first_sample``: one factor for the whole batch, from its first sample, as the
+    reference code's ``normalize_kp`` computes it (it animates one frame at a time, where the two
+    agree). The default computes each sample's own factor, which is what a batch of different
+    sources needs.
     """
     result = {key: value for key, value in kp_driving.items()}
     if use_relative_movement:
-        scale = movement_scale(kp_source, kp_reference) if adapt_movement_scale else 1.0
+        scale = 1.0
+        if adapt_movement_scale:
+            scale = movement_scale(kp_source, kp_reference)
+            if scale_from_first_sample:
+                scale = scale[:1]
         movement = kp_driving["value"] - kp_reference["value"]
         result["value"] = kp_source["value"] + movement * scale
     has_jacobians = all("jacobian" in kp for kp in (kp_source, kp_driving, kp_reference))
@@ -112,20 +126,42 @@ def relative_keypoints(kp_source, kp_driving, kp_reference, adapt_movement_scale
 
 
 # -------------------------------------------------------- random transform (equivariance)
+TPS_KERNELS = ("reference", "euclidean")
+
+
 class RandomTransform:
     """A random affine + thin-plate-spline map T of normalized coordinates, one per sample.
 
-    ``T(z) = A z + b + sum_i w_i U(|z - c_i|)`` with ``A, b ~ I + N(0, sigma_affine)``, control
-    points ``c_i`` on a ``points_tps x points_tps`` grid over [-1, 1], weights
-    ``w_i ~ N(0, sigma_tps)`` per coordinate and the TPS kernel ``U(r) = r^2 log r``.
+    ``T(z) = A z + b + sum_i U(z, c_i) w_i`` with ``[A | b] = I + N(0, sigma_affine)`` (``B x 2 x
+    3``) and control points ``c_i`` on a ``points_tps x points_tps`` grid over [-1, 1]. The spline
+    part has two forms (``tps_kernel``):
 
-    ``transform_image(frame)`` samples ``frame`` at ``T(z)`` for every output pixel z, so a point
-    seen at q in the transformed frame is at ``T(q)`` in the original one; the equivariance losses
-    compare keypoints through exactly this map.
+    * ``"reference"`` (default, FOMM's equivariance transform): ``r = |dx| + |dy|`` (the L1
+      distance to the control point), ``U = r^2 log(r + 1e-6)`` and ONE weight per control point,
+      ``w ~ N(0, sigma_tps)`` of shape ``B x 1 x P``, added to x and y alike. With
+      ``torch.manual_seed(s)`` the draws (affine noise, then the weights, from the global
+      generator) are the reference's own, so its training runs replay exactly.
+    * ``"euclidean"``: the textbook spline, ``r`` the Euclidean distance, ``U = r^2 log r`` and one
+      weight per control point and coordinate (``B x P x 2``): a rotation-invariant warp whose x
+      and y bends are independent.
+
+    ``transform_image(frame)`` samples ``frame`` at ``T(z)`` for every output pixel z (reflection
+    padding), so a point seen at q in the transformed frame is at ``T(q)`` in the original one; the
+    equivariance losses compare keypoints through exactly this map. ``align_corners``: the sampling
+    convention of ``modules.coords`` (default: the reference's).
+
+    Attributes: ``affine`` ``B x 2 x 3``; ``control_points`` ``P x 2`` (None without a spline);
+    ``control_weights`` ``B x P x 1`` (reference) or ``B x P x 2`` (euclidean).
     """
 
     def __init__(self, batch_size, sigma_affine=0.05, sigma_tps=0.005, points_tps=5,
-                 dtype=torch.float32, device=None, generator=None):
+                 dtype=torch.float32, device=None, generator=None, tps_kernel="reference",
+                 align_corners=REFERENCE_ALIGN_CORNERS):
+        if tps_kernel not in TPS_KERNELS:
+            raise ValueError(f"unknown tps_kernel {tps_kernel!r}; expected one of {TPS_KERNELS}")
+        self.tps_kernel = tps_kernel
+        self.align_corners = align_corners
+
         def normal(*shape, std):
             noise = torch.randn(*shape, generator=generator, dtype=dtype)
             return (noise * std).to(device)
@@ -133,33 +169,67 @@ class RandomTransform:
         self.affine = normal(batch_size, 2, 3, std=sigma_affine)             # B x 2 x 3
         self.affine = self.affine + torch.eye(2, 3, dtype=dtype, device=device)
         self.control_points = None
+        self.control_weights = None
         if sigma_tps and points_tps:
             grid = make_coordinate_grid(points_tps, points_tps, dtype=dtype, device=device)
-            self.control_points = grid.view(-1, 2)                            # N x 2
-            self.control_weights = normal(batch_size, points_tps ** 2, 2, std=sigma_tps)
+            self.control_points = grid.view(-1, 2)                            # P x 2
+            if tps_kernel == "reference":                                     # drawn as B x 1 x P
+                weights = normal(batch_size, 1, points_tps ** 2, std=sigma_tps)
+                self.control_weights = weights.transpose(1, 2)                # B x P x 1
+            else:
+                self.control_weights = normal(batch_size, points_tps ** 2, 2, std=sigma_tps)
+
+    @classmethod
+    def from_parameters(cls, affine, control_points=None, control_weights=None,
+                        tps_kernel="reference", align_corners=REFERENCE_ALIGN_CORNERS):
+        """A transform with given parameters instead of random ones (replaying a recorded draw).
+
+        ``affine`` ``B x 2 x 3``; ``control_points`` ``P x 2`` (any shape ending in 2);
+        ``control_weights`` ``B x P x 1`` / ``B x 1 x P`` (reference) or ``B x P x 2``.
+        """
+        transform = cls.__new__(cls)
+        if tps_kernel not in TPS_KERNELS:
+            raise ValueError(f"unknown tps_kernel {tps_kernel!r}; expected one of {TPS_KERNELS}")
+        transform.tps_kernel, transform.align_corners = tps_kernel, align_corners
+        transform.affine = affine
+        transform.control_points = None
+        if control_points is not None:
+            transform.control_points = control_points.reshape(-1, 2)
+        transform.control_weights = control_weights
+        drawn_layout = control_weights is not None and control_weights.shape[1] == 1
+        if tps_kernel == "reference" and drawn_layout:
+            transform.control_weights = control_weights.transpose(1, 2)      # -> B x P x 1
+        return transform
 
     def transform_coordinates(self, coordinates):
         """T(z) for ``coordinates`` ``B x N x 2`` (or ``B x ... x 2``)."""
         shape = coordinates.shape
         points = coordinates.reshape(shape[0], -1, 2)
         affine = self.affine.to(points.dtype)
-        result = points @ affine[:, :, :2].transpose(1, 2) + affine[:, None, :, 2]
+        linear = (affine[:, None, :, :2] @ points[..., None]).squeeze(-1)     # A z, B x N x 2
+        result = linear + affine[:, None, :, 2]
         if self.control_points is not None:
             result = result + self._tps_offsets(points)
         return result.reshape(shape)
 
     def _tps_offsets(self, points):
         control = self.control_points.to(points.dtype)
-        squared = (points[:, :, None, :] - control[None, None]).pow(2).sum(-1)  # B x N x P
-        kernel = 0.5 * squared * torch.log(squared + 1e-9)                       # r^2 log r
-        return kernel @ self.control_weights.to(points.dtype)                   # B x N x 2
+        offsets = points[:, :, None, :] - control[None, None]                   # B x N x P x 2
+        if self.tps_kernel == "reference":
+            distance = offsets.abs().sum(-1)                                     # L1 distance r
+            kernel = distance ** 2 * torch.log(distance + 1e-6)
+        else:
+            squared = offsets.pow(2).sum(-1)
+            kernel = 0.5 * squared * torch.log(squared + 1e-9)                   # r^2 log r
+        weights = self.control_weights.to(points.dtype)                          # B x P x (1|2)
+        return (kernel[..., None] * weights[:, None]).sum(dim=2)                 # B x N x (1|2)
 
     def transform_image(self, frame):
         """The transformed frame: ``frame`` sampled at T(z), reflection-padded at the borders."""
         batch, _, height, width = frame.shape
         grid = make_coordinate_grid(height, width, dtype=frame.dtype, device=frame.device)
         sample_at = self.transform_coordinates(grid[None].expand(batch, -1, -1, -1))
-        return warp(frame, sample_at, padding_mode="reflection")
+        return warp(frame, sample_at, padding_mode="reflection", align_corners=self.align_corners)
 
     def jacobian(self, coordinates):
         """dT/dz at ``coordinates`` ``B x N x 2`` as ``B x N x 2 x 2`` (rows: output x, y).
@@ -176,57 +246,100 @@ class RandomTransform:
 
 
 # ----------------------------------------------------------------- resampling and pyramids
+DOWNSAMPLE_METHODS = ("gaussian_subsample", "replicate_bilinear")
+
+
+def antialias_sigma(scale):
+    """Blur width before shrinking by ``scale``: sigma = (1 / scale - 1) / 2 (0 at scale 1)."""
+    return (1.0 / scale - 1.0) / 2.0
+
+
 def gaussian_kernel_1d(sigma, dtype=torch.float32):
-    """Normalized 1D gaussian of odd size ``2 * round(4 sigma) + 1``."""
-    radius = int(round(4 * sigma))
-    positions = torch.arange(-radius, radius + 1, dtype=torch.float64)
-    kernel = torch.exp(-0.5 * (positions / sigma) ** 2)
+    """Unnormalized 1D gaussian ``exp(-d^2 / (2 sigma^2))`` of odd size ``2 * round(4 sigma) + 1``
+    (d = distance to the centre), computed in float32 like the reference code."""
+    size = 2 * int(round(4 * sigma)) + 1
+    offsets = torch.arange(size, dtype=torch.float32) - (size - 1) / 2
+    return torch.exp(-offsets ** 2 / (2 * sigma ** 2)).to(dtype)
+
+
+def gaussian_kernel_2d(sigma, dtype=torch.float32):
+    """Normalized 2D gaussian (outer product of :func:`gaussian_kernel_1d`), ``k x k``, sum 1."""
+    kernel = gaussian_kernel_1d(sigma, torch.float32)
+    kernel = kernel[:, None] * kernel[None, :]
     return (kernel / kernel.sum()).to(dtype)
 
 
 class AntiAliasDownsample(nn.Module):
-    """Gaussian blur (sigma = (1/scale - 1) / 2) then bilinear resampling to ``scale`` x the size.
+    """Gaussian blur (sigma = (1/scale - 1) / 2, size 2 round(4 sigma) + 1) then shrinking.
 
-    Works for any channel count. The resampling uses ``align_corners=True`` like the rest of the
-    framework, so normalized coordinates mean the same point before and after downsampling.
-    Borders are replicate-padded (no dark frame around the image).
+    ``method``:
+
+    * ``"gaussian_subsample"`` (default, the reference code's): zero padding, a depthwise
+      convolution with the 2D gaussian, then every (1 / scale)-th pixel is kept (nearest
+      resampling: output pixel i is blurred input pixel floor(i / scale)). The 2D kernel is a
+      persistent buffer ``weight`` of shape ``channels x 1 x k x k``, so official checkpoints,
+      which store it, map one to one.
+    * ``"replicate_bilinear"``: replicate padding (no dark frame at the border) and bilinear
+      resampling with ``align_corners`` (see ``modules.coords``), so normalized coordinates mean
+      the same point before and after shrinking.
+
+    Works for any channel count (the kernel is the same for every channel); ``channels`` only sets
+    the stored buffer's shape. ``persistent=False`` keeps the kernel out of the state dict (image
+    pyramids of losses and discriminators, whose reference counterparts are not checkpointed).
     """
 
-    def __init__(self, scale):
+    def __init__(self, scale, channels=3, method="gaussian_subsample", persistent=True,
+                 align_corners=None):
         super().__init__()
         self.scale = float(scale)
-        if self.scale > 1:
-            raise ValueError(f"AntiAliasDownsample only shrinks images; got scale {scale}")
-        sigma = (1.0 / self.scale - 1.0) / 2.0 if self.scale < 1 else 0.0
-        kernel = gaussian_kernel_1d(sigma) if sigma > 0 else torch.ones(1)
-        self.register_buffer("kernel", kernel, persistent=False)
+        if not 0 < self.scale <= 1:
+            raise ValueError(f"AntiAliasDownsample only shrinks images: scale must be in (0, 1], "
+                             f"got {scale}")
+        if method not in DOWNSAMPLE_METHODS:
+            raise ValueError(f"unknown downsampling method {method!r}; expected one of "
+                             f"{DOWNSAMPLE_METHODS}")
+        self.method = method
+        self.align_corners = align_corners
+        if self.scale < 1:
+            kernel = gaussian_kernel_2d(antialias_sigma(self.scale))
+            weight = kernel[None, None].repeat(channels, 1, 1, 1)
+            self.register_buffer("weight", weight, persistent=persistent)
 
     def output_size(self, height, width):
+        if self.method == "gaussian_subsample":                 # nearest: floor(size * scale)
+            return max(1, int(height * self.scale)), max(1, int(width * self.scale))
         return max(1, int(round(height * self.scale))), max(1, int(round(width * self.scale)))
 
     def forward(self, image):
         if self.scale == 1:
             return image
-        return F.interpolate(self.blur(image), size=self.output_size(*image.shape[-2:]),
-                             mode="bilinear", align_corners=ALIGN_CORNERS)
+        blurred = self.blur(image)
+        if self.method == "gaussian_subsample":
+            return F.interpolate(blurred, scale_factor=self.scale, mode="nearest")
+        return F.interpolate(blurred, size=self.output_size(*image.shape[-2:]), mode="bilinear",
+                             align_corners=resolve_align_corners(self.align_corners))
 
     def blur(self, image):
-        channels, radius = image.shape[1], self.kernel.numel() // 2
-        kernel = self.kernel.to(image.dtype)
-        padded = F.pad(image, (radius, radius, radius, radius), mode="replicate")
-        horizontal = kernel.view(1, 1, 1, -1).expand(channels, 1, 1, -1)
-        vertical = kernel.view(1, 1, -1, 1).expand(channels, 1, -1, 1)
-        blurred = F.conv2d(padded, horizontal, groups=channels)
-        return F.conv2d(blurred, vertical, groups=channels)
+        channels, radius = image.shape[1], self.weight.shape[-1] // 2
+        kernel = self.weight[:1].to(image.dtype).expand(channels, -1, -1, -1)
+        mode = "constant" if self.method == "gaussian_subsample" else "replicate"
+        padded = F.pad(image, (radius, radius, radius, radius), mode=mode)
+        return F.conv2d(padded, kernel, groups=channels)
 
 
 class ImagePyramid(nn.Module):
-    """``{scale: image at that scale}`` for the given scales (1 = the image itself)."""
+    """``{scale: image at that scale}`` for the given scales (1 = the image itself).
 
-    def __init__(self, scales):
+    ``method``: see :class:`AntiAliasDownsample` (default: the reference's gaussian + subsampling,
+    as FOMM's perceptual loss and discriminator pyramids). The kernels are not in the state dict.
+    """
+
+    def __init__(self, scales, method="gaussian_subsample", align_corners=None):
         super().__init__()
         self.scales = [float(s) for s in scales]
-        self.downsamplers = nn.ModuleList(AntiAliasDownsample(s) for s in self.scales)
+        self.downsamplers = nn.ModuleList(
+            AntiAliasDownsample(s, channels=1, method=method, persistent=False,
+                                align_corners=align_corners) for s in self.scales)
 
     def forward(self, image):
         return {scale: down(image) for scale, down in zip(self.scales, self.downsamplers)}
@@ -283,7 +396,8 @@ def gray_to_rgb(maps, size=None):
 __all__ = [
     "KP_VARIANCE", "kp2gaussian", "keypoint_heatmap_differences", "identity_flows",
     "affine_source_from_driving", "sparse_affine_flows", "keypoint_hull_area", "movement_scale",
-    "relative_keypoints", "RandomTransform", "gaussian_kernel_1d", "AntiAliasDownsample",
+    "relative_keypoints", "RandomTransform", "TPS_KERNELS", "DOWNSAMPLE_METHODS",
+    "antialias_sigma", "gaussian_kernel_1d", "gaussian_kernel_2d", "AntiAliasDownsample",
     "ImagePyramid", "distinct_colors", "draw_keypoints", "colorize_masks", "gray_to_rgb",
 ]
 

@@ -4,6 +4,7 @@ import os
 import imageio.v2 as imageio
 import numpy as np
 import pytest
+import torch
 
 
 def moving_square_frames(num_frames=6, size=32, channels=3, seed=0):
@@ -60,3 +61,13 @@ def synthetic_root(tmp_path_factory):
     from datasets.synthetic import ensure_synthetic_dataset
     root = str(tmp_path_factory.mktemp("synthetic") / "synthetic-32")
     return ensure_synthetic_dataset(root, size=32, train_videos=4, test_videos=2, frames=6, seed=3)
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """One intra-op thread for a module of tiny-tensor tests: no OpenMP contention on a busy
+    2-core machine, and the thread count the reference parity numbers were made with."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -120,19 +120,58 @@ def test_relative_jacobian_reproduces_eq21():
 
 
 def test_random_transform_image_and_coordinates_agree():
-    transform = RandomTransform(2, sigma_affine=0.05, sigma_tps=0.005, points_tps=5)
-    grid = make_coordinate_grid(33, 33)
+    """Sampling an image of its own pixel coordinates at T(z) gives T(z) back (pixel centres at
+    +-1); under the reference convention (-1, +1 = outer pixel edges) it gives T(z) W / (W - 1),
+    the hand-computed half-pixel stretch of that convention."""
+    size = 33
+    grid = make_coordinate_grid(size, size)
     coordinate_image = grid.permute(2, 0, 1)[None].repeat(2, 1, 1, 1)   # pixel (x, y) -> (x, y)
-    warped = transform.transform_image(coordinate_image)                # pixel z -> T(z)
-    mapped = transform.transform_coordinates(grid[None].expand(2, -1, -1, -1))
-    inside = (mapped.abs() < 0.95).all(-1)
-    assert inside.float().mean() > 0.5
-    difference = (warped.permute(0, 2, 3, 1) - mapped).norm(dim=-1)
-    assert difference[inside].max() < 1e-4
+    for align_corners, stretch in ((True, 1.0), (False, size / (size - 1))):
+        torch.manual_seed(0)
+        transform = RandomTransform(2, sigma_affine=0.05, sigma_tps=0.005, points_tps=5,
+                                    align_corners=align_corners)
+        warped = transform.transform_image(coordinate_image)            # pixel z -> T(z)
+        mapped = transform.transform_coordinates(grid[None].expand(2, -1, -1, -1))
+        inside = (mapped.abs() < 0.9).all(-1)
+        assert inside.float().mean() > 0.5
+        difference = (warped.permute(0, 2, 3, 1) - mapped * stretch).norm(dim=-1)
+        assert difference[inside].max() < 1e-4
+
+
+def test_random_transform_reference_layout_and_seeded_draws():
+    """The reference layout: affine noise B x 2 x 3 then one TPS weight per control point
+    (B x 1 x P, added to x and y alike), drawn in that order from the global generator, with the
+    L1-distance kernel r^2 log(r + 1e-6) (checked by hand at one point)."""
+    torch.manual_seed(3)
+    noise, weights = torch.randn(2, 2, 3) * 0.05, torch.randn(2, 1, 25) * 0.005
+    torch.manual_seed(3)
+    transform = RandomTransform(2)
+    assert torch.equal(transform.affine, torch.eye(2, 3) + noise)
+    assert torch.equal(transform.control_weights, weights.transpose(1, 2))
+    point = torch.tensor([0.3, -0.2])
+    distance = (point - transform.control_points).abs().sum(-1)                 # P
+    bend = (distance ** 2 * torch.log(distance + 1e-6) * weights[:, 0]).sum(-1)  # B
+    expected = point @ transform.affine[:, :, :2].transpose(1, 2) + transform.affine[:, :, 2]
+    expected = expected + bend[:, None]
+    mapped = transform.transform_coordinates(point.expand(2, 1, 2))[:, 0]
+    assert torch.allclose(mapped, expected, atol=1e-6)
+    euclidean = RandomTransform(2, tps_kernel="euclidean")
+    assert euclidean.control_weights.shape == (2, 25, 2)
+    replay = RandomTransform.from_parameters(transform.affine, transform.control_points,
+                                             weights)
+    assert torch.equal(replay.transform_coordinates(point.expand(2, 1, 2)),
+                       transform.transform_coordinates(point.expand(2, 1, 2)))
+    with pytest.raises(ValueError, match="tps_kernel"):
+        RandomTransform(2, tps_kernel="radial")
 
 
 def test_random_transform_jacobian_matches_finite_differences():
-    transform = RandomTransform(2, sigma_affine=0.1, sigma_tps=0.05, points_tps=3)
+    for tps_kernel in ("reference", "euclidean"):
+        check_transform_jacobian(RandomTransform(2, sigma_affine=0.1, sigma_tps=0.05, points_tps=3,
+                                                 tps_kernel=tps_kernel))
+
+
+def check_transform_jacobian(transform):
     points = torch.rand(2, 6, 2, dtype=torch.float64) - 0.5
     transform.affine = transform.affine.double()
     transform.control_weights = transform.control_weights.double()
@@ -148,14 +187,29 @@ def test_random_transform_jacobian_matches_finite_differences():
 
 def test_antialias_downsample_and_pyramid():
     down = AntiAliasDownsample(0.25)
-    constant = torch.full((1, 2, 32, 32), 0.7)
+    assert down.weight.shape == (3, 1, 13, 13) and "weight" in down.state_dict()
+    assert torch.allclose(down.weight.sum(dim=(1, 2, 3)), torch.ones(3))
+    constant = torch.full((1, 2, 32, 32), 0.7)          # any channel count
     shrunk = down(constant)
     assert shrunk.shape == (1, 2, 8, 8)
-    assert torch.allclose(shrunk, constant[..., :8, :8], atol=1e-6)
+    # reference method: zero padding darkens the border; output pixels 2..6 (input 8..24, the
+    # 13-tap kernel inside the image) keep the value; output pixel i is blurred input pixel 4 i
+    assert torch.allclose(shrunk[..., 2:7, 2:7], constant[..., :5, :5], atol=1e-5)
+    assert shrunk[0, 0, 0, 0] < 0.5
     noise = torch.rand(1, 1, 64, 64)
+    blurred = down.blur(noise)
+    assert torch.equal(down(noise), blurred[..., ::4, ::4])
     assert down(noise).std() < noise.std() / 2                      # high frequencies removed
-    pyramid = ImagePyramid([1, 0.5, 0.25])(torch.rand(2, 3, 32, 32))
-    assert {s: tuple(x.shape[-2:]) for s, x in pyramid.items()} == {
+    bilinear = AntiAliasDownsample(0.25, method="replicate_bilinear")
+    assert torch.allclose(bilinear(constant), constant[..., :8, :8], atol=1e-6)
+    assert bilinear(noise).std() < noise.std() / 2
+    assert "weight" not in AntiAliasDownsample(0.5, persistent=False).state_dict()
+    with pytest.raises(ValueError, match="method"):
+        AntiAliasDownsample(0.5, method="area")
+    pyramid = ImagePyramid([1, 0.5, 0.25])
+    assert len(pyramid.state_dict()) == 0
+    levels = pyramid(torch.rand(2, 3, 32, 32))
+    assert {s: tuple(x.shape[-2:]) for s, x in levels.items()} == {
         1.0: (32, 32), 0.5: (16, 16), 0.25: (8, 8)}
 
 
@@ -211,7 +265,8 @@ def test_identical_keypoints_give_identity_flows():
 
 def test_dense_motion_takes_extra_motions_and_several_occlusion_maps():
     """SAFA's case: one extra (3D) motion slot, two occlusion maps (O_g, O_ca)."""
-    network = tiny_dense_motion(num_extra_motions=1, num_occlusion_maps=2)
+    network = tiny_dense_motion(num_extra_motions=1, num_occlusion_maps=2,
+                                downsample_method="replicate_bilinear")
     source = torch.rand(2, 3, SIZE, SIZE)
     shift = torch.tensor([0.1, 0.0])
     flow_3d = make_coordinate_grid(SIZE, SIZE)[None].repeat(2, 1, 1, 1) + shift
@@ -224,6 +279,13 @@ def test_dense_motion_takes_extra_motions_and_several_occlusion_maps():
     expected_flow = make_coordinate_grid(16, 16) + shift
     assert torch.allclose(out["sparse_flows"][:, -1], expected_flow.expand(2, -1, -1, -1),
                           atol=1e-5)
+    # the reference's zero-padded shrinking keeps the displacement inside, fades it at the border
+    reference = tiny_dense_motion(num_extra_motions=1, num_occlusion_maps=2)
+    flows = reference(source, random_keypoints(), random_keypoints(),
+                      extra_motions=[extra])["sparse_flows"][:, -1]
+    assert torch.allclose(flows[:, 2:-2, 2:-2], expected_flow[2:-2, 2:-2].expand(2, -1, -1, -1),
+                          atol=1e-5)
+    assert (flows - make_coordinate_grid(16, 16))[:, 0, 0, 0].max() < 0.05
     # without a deformed image the source is warped by the extra flow
     out = network(source, random_keypoints(), random_keypoints(),
                   extra_motions=[ExtraMotion(flow=flow_3d, heatmap=torch.rand(2, SIZE, SIZE))])
@@ -273,11 +335,26 @@ def test_generator_steps_compose_to_forward_with_skips_and_extras():
 
 
 def test_generator_identity_motion_warps_nothing():
-    generator = tiny_generator()
+    """With pixel-centre sampling the identity flow is exactly the identity; the reference
+    convention samples the identity grid half a pixel outwards at the border (a slight zoom)."""
+    generator = tiny_generator(align_corners=True)
     source = torch.rand(1, 3, SIZE, SIZE)
     features = generator.encode(source)
     identity = make_coordinate_grid(SIZE // 4, SIZE // 4)[None]
     assert torch.allclose(generator.warp_feature(features[-1], identity), features[-1], atol=1e-5)
+    assert generator.dense_motion_network.align_corners is True
+    reference = tiny_generator()
+    assert reference.align_corners is False
+    assert reference.dense_motion_network.align_corners is False
+    zoomed = reference.warp_feature(features[-1], identity)
+    # by hand: grid coordinate i lands on pixel position p = i W / (W - 1) - 1/2 (zero outside)
+    feature, width = features[-1][0], SIZE // 4
+    assert torch.allclose(zoomed[0, :, 0, 0], 0.25 * feature[:, 0, 0], atol=1e-6)
+    p = 7 * width / (width - 1) - 0.5                                  # between pixels 6 and 7
+    w7 = p - 6
+    row = (1 - w7) * feature[:, :, 6] + w7 * feature[:, :, 7]          # x interpolated, all y
+    expected = (1 - w7) * row[:, 6] + w7 * row[:, 7]
+    assert torch.allclose(zoomed[0, :, 7, 7], expected, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------- discriminator

@@ -24,7 +24,7 @@ def test_identity_transform_gives_zero_equivariance_losses():
     detector = KPDetector(4, 3, 8, 32, 2, scale_factor=0.25).eval()
     frames = torch.rand(2, 3, 64, 64)
     objective = EquivarianceObjective({"sigma_affine": 0.0, "sigma_tps": 0.0}, 10.0, 10.0)
-    identity = RandomTransform(2, sigma_affine=0.0, sigma_tps=0.0)
+    identity = RandomTransform(2, sigma_affine=0.0, sigma_tps=0.0, align_corners=True)
     losses = objective(detector, frames, detector(frames), transform=identity)
     assert set(losses) == {"equivariance_value", "equivariance_jacobian"}
     assert all(value < 1e-4 for value in losses.values())

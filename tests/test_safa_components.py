@@ -14,13 +14,7 @@ from modules.norms import GADE
 from modules.tdmm_encoder import MOBILENET_V2_FILENAME, TDMMEncoder
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """These tensors are tiny: one thread avoids OpenMP contention on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")   # tiny tensors: one thread
 
 
 def random_codes(batch=3, generator=None):
