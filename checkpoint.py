@@ -107,7 +107,9 @@ def restore_model(model, checkpoint, path):
     changed = differing_keys(checkpoint["model_params"], model.config.get("model_params", {}),
                              "model_params.") if checkpoint.get("model_params") else []
     own, state = model.state_dict(), checkpoint["state_dict"]
-    missing = sorted(set(own) - set(state))
+    # a converted reference checkpoint lacks parts the model builds itself (compat/checkpoints.py)
+    rebuilt = tuple(checkpoint.get("converted_from", {}).get("initialized_here", ()))
+    missing = sorted(k for k in set(own) - set(state) if not (rebuilt and k.startswith(rebuilt)))
     unexpected = sorted(set(state) - set(own))
     resized = [k for k in own if k in state and own[k].shape != state[k].shape]
     if missing or unexpected or resized:
@@ -122,7 +124,10 @@ def restore_model(model, checkpoint, path):
     if changed:
         log.warning("checkpoint %s was trained with other model_params: %s (the weights fit; the "
                     "config's values are used)", path, ", ".join(changed))
-    model.load_state_dict(state)
+    model.load_state_dict(state, strict=not rebuilt)
+    if rebuilt:
+        log.info("checkpoint %s is a converted reference checkpoint; kept our own %s", path,
+                 ", ".join(rebuilt))
 
 
 __all__ = ["CHECKPOINT_LATEST", "save_checkpoint_atomic", "load_checkpoint", "rng_state",

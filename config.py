@@ -8,11 +8,13 @@ loss weights) and a check of its own, handed in as a ``ModelSchema`` by the call
 """
 import copy
 import difflib
+import logging
 import os
 from typing import Callable, NamedTuple
 
 import yaml
 
+log = logging.getLogger(__name__)
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 
 
@@ -275,6 +277,19 @@ def _raise_unknown(keys, node):
     raise ConfigError(f"--set names unknown config key '{path}'{hint}")
 
 
+def from_reference_layout(raw, path):
+    """A FOMM/SAFA reference-code YAML (no ``model:`` key, its own key names) in our layout,
+    with a logged note of how each key was mapped (compat/configs.py)."""
+    from compat.configs import convert_reference_config
+    try:
+        converted, notes = convert_reference_config(raw)
+    except ValueError as error:
+        raise ConfigError(f"{path}: {error}") from None
+    log.info("%s is a reference-code config, read as model %r:\n  %s", path, converted["model"],
+             "\n  ".join(notes))
+    return converted
+
+
 def load_config(name_or_path, overrides, model_schema):
     """Read, validate and override a config file (``model_schema``: see :func:`validate`)."""
     path = resolve_config_path(name_or_path)
@@ -285,6 +300,8 @@ def load_config(name_or_path, overrides, model_schema):
             raise ConfigError(f"config {path} is not valid YAML: {error}") from None
     if raw is None:
         raise ConfigError(f"config {path} is empty; it needs at least a 'model:' key")
+    if isinstance(raw, dict) and "model" not in raw and "model_params" in raw:
+        raw = from_reference_layout(raw, path)
     try:  # the model's own check runs once the overrides are in
         config = validate(raw, model_schema, model_check=False)
         return validate(apply_overrides(config, overrides, model_schema), model_schema)

@@ -32,12 +32,12 @@ UV maps) are not part of it: they come from ``flame_params`` as in any SAFA run.
 Loading is safe: ``torch.load(..., weights_only=True)``; a file that needs arbitrary unpickling
 is refused with the reason.
 """
+import copy
 import re
 from collections import OrderedDict
 
 import torch
 
-from compat.networks import build_networks
 
 DISCRIMINATOR_PREFIX = "adversarial.discriminator."   # where the model keeps its discriminator
 NETWORK_PREFIXES = {"kp_detector": "kp_detector.", "generator": "generator.",
@@ -334,6 +334,37 @@ def discriminator_params(state, num_channels):
             "sn": variant["use_spectral_norm"], "use_kp": variant["use_kp"]}
 
 
+# ----------------------------------------------------------------------------- our side
+def model_prefixes(model):
+    """Where each reference network lives in our model's state dict."""
+    return dict(NETWORK_PREFIXES, tdmm="encoder.") if model == "tdmm" else NETWORK_PREFIXES
+
+
+def build_model_on_meta(model, model_params):
+    """Our registered ``model`` built from ``model_params`` on the meta device: every name and
+    shape, no memory, no weight files (the ImageNet init and pretraining checkpoint are off)."""
+    from config import validate
+    from modules.registry import get_model_class, model_schema
+    params = copy.deepcopy(model_params)
+    if "tdmm_params" in params:
+        params["tdmm_params"]["imagenet_init"] = False
+        if params["tdmm_params"].get("checkpoint"):
+            params["tdmm_params"]["checkpoint"] = None
+    config = validate({"model": model, "model_params": params}, model_schema, model_check=False)
+    with torch.device("meta"):
+        return get_model_class(model)(config)
+
+
+def network_states(model, full):
+    """``{reference network name: our state dict for it}`` from our model's full state dict."""
+    states = OrderedDict()
+    for name, prefix in model_prefixes(model).items():
+        part = OrderedDict((k[len(prefix):], v) for k, v in full.items() if k.startswith(prefix))
+        if part:
+            states[name] = part
+    return states
+
+
 # ----------------------------------------------------------------------------- conversion
 def load_reference_checkpoint(path):
     """A reference checkpoint file, loaded safely (tensors and plain data only)."""
@@ -359,10 +390,11 @@ def convert_checkpoint(checkpoint, model_params=None):
     model = "tdmm" if kind == "safa-tdmm" else kind
     if model_params is None:
         model_params = infer_model_params(kind, checkpoint)
-    networks = build_networks(model, model_params, device="meta")
-    prefixes = dict(NETWORK_PREFIXES, tdmm="encoder.") if model == "tdmm" else NETWORK_PREFIXES
+    ours = build_model_on_meta(model, model_params).state_dict()
+    networks = network_states(model, ours)
+    prefixes = model_prefixes(model)
     state, notes = OrderedDict(), [f"recognized as a reference {kind} checkpoint"] + unwrapped
-    for name, network in networks.items():
+    for name, expected in networks.items():
         if name not in checkpoint:
             if name not in OPTIONAL_NETWORKS or model == "tdmm":
                 raise ValueError(f"the {kind} checkpoint has no {name!r} entry")
@@ -370,15 +402,21 @@ def convert_checkpoint(checkpoint, model_params=None):
             continue
         mapped, dropped = map_network_state(kind, name, checkpoint[name])
         notes += dropped
-        checked = check_state(mapped, network.state_dict(), name)
+        checked = check_state(mapped, expected, name)
         state.update((prefixes[name] + key, value) for key, value in checked.items())
     skipped = sorted(k for k in checkpoint if k.startswith("optimizer"))
     if skipped:
         notes.append(f"not converted: {', '.join(skipped)} (optimizer states)")
+    # parts the reference checkpoint does not hold (FLAME/renderer constants, GADE's code norms,
+    # an absent discriminator): our model keeps building them itself
+    initialized_here = sorted({key.split(".")[0] + "." for key in ours if key not in state})
+    if initialized_here:
+        notes.append(f"built by our model, not converted: {', '.join(initialized_here)}")
     return {"model": model, "model_params": model_params, "state_dict": state,
-            "converted_from": {"kind": kind, "epoch": checkpoint.get("epoch"), "notes": notes}}
+            "converted_from": {"kind": kind, "epoch": checkpoint.get("epoch"), "notes": notes,
+                               "initialized_here": initialized_here}}
 
 
 __all__ = ["DISCRIMINATOR_PREFIX", "KINDS", "detect_reference", "map_network_state",
-           "check_state", "infer_model_params", "load_reference_checkpoint",
+           "check_state", "build_model_on_meta", "network_states", "infer_model_params", "load_reference_checkpoint",
            "convert_checkpoint", "kernel_scale"]

@@ -48,10 +48,8 @@ class SafaCodeVariant:
         params = copy.deepcopy(model_params)
         params["safa_params"] = copy.deepcopy(self.safa_params)
         params["tdmm_params"] = dict(params.get("tdmm_params", {}), **self.tdmm_params)
-        params["generator_params"].pop("skip_connections", None)   # safa_params decides
-        dense = params["generator_params"]["dense_motion_params"]
-        if dense.get("num_occlusion_maps"):
-            dense["num_occlusion_maps"] = 2                          # O_g and O_ca
+        # SAFA's occlusion maps follow use_contextual_attention (O_g, and O_ca with it)
+        params["generator_params"]["dense_motion_params"].pop("num_occlusion_maps", None)
         return params
 
 
@@ -120,7 +118,7 @@ def kp_detector_params(section, notes):
 def generator_params(section, notes):
     prefix = "model_params.generator_params"
     known = ("block_expansion", "max_features", "num_down_blocks", "num_bottleneck_blocks")
-    ours = {"skip_connections": False}
+    ours = {}
     copy_keys(section, known, ours, prefix, notes)
     dense_section = section.get("dense_motion_params", {})
     dense_known = ("block_expansion", "max_features", "num_blocks", "scale_factor")
@@ -181,18 +179,16 @@ def train_params(section, safa, notes):
     known = FOMM_LOSS_KEYS
     if safa:
         known += ("landmark", "photometric", "tdmm_param")
-        if "landmark" in weights_section:
-            weights["tdmm"] = weights_section["landmark"]
-            notes.mapped(f"{prefix}.loss_weights.landmark", f"{prefix}.loss_weights.tdmm",
-                         weights["tdmm"])
+        weights["tdmm"] = 1.0
+        copy_keys(weights_section, ("landmark", "photometric"), weights,
+                  f"{prefix}.loss_weights", notes)
         if "tdmm_param" in weights_section:
+            # the code weighs mean(alpha^2) by tdmm_param and mean(beta^2) by 0.8 tdmm_param
             value = weights_section["tdmm_param"]
-            weights["shape_regularization"] = weights["expression_regularization"] = value
-            notes.append(f"{prefix}.loss_weights.tdmm_param -> shape_regularization and "
-                         f"expression_regularization = {value!r} (one weight for both codes)")
-        if "photometric" in weights_section:
-            notes.ignored(f"{prefix}.loss_weights.photometric",
-                          "the rendered-texture photometric term is not implemented here")
+            weights["shape_regularization"], weights["expression_regularization"] = \
+                value, 0.8 * value
+            notes.append(f"{prefix}.loss_weights.tdmm_param -> shape_regularization = {value!r},"
+                         f" expression_regularization = {0.8 * value!r} (the code's 0.8 ratio)")
     leftover(weights_section, known, f"{prefix}.loss_weights", notes)
     ours["loss_weights"] = weights
     leftover(section, TRAIN_KEYS + ("loss_weights",), prefix, notes)

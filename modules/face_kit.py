@@ -21,6 +21,7 @@ from modules.tdmm_encoder import TDMMEncoder
 TDMM_PARAMS = {
     "n_pose": 6,                     # global rotation 3 + jaw 3 (neck and eyes zero)
     "dropout": 0.2,
+    "imagenet_normalize": True,      # ImageNet mean/std on the input (the authors' code: false)
     "imagenet_init": True,           # MobileNetV2 ImageNet weights (torch hub cache / the path below)
     "imagenet_weights_path": None,
     "freeze_bn_stats": True,         # the authors' code freezes the pretrained encoder's BN statistics
@@ -55,6 +56,7 @@ def build_tdmm_encoder(tdmm_params, flame_params):
                        n_pose=tdmm_params["n_pose"], dropout=tdmm_params["dropout"],
                        imagenet=tdmm_params["imagenet_init"],
                        weights_path=tdmm_params["imagenet_weights_path"],
+                       imagenet_normalize=tdmm_params["imagenet_normalize"],
                        freeze_bn_stats=tdmm_params.get("freeze_bn_stats", False))
 
 

@@ -16,12 +16,15 @@ from modules.util import colorize_masks, draw_keypoints, gray_to_rgb, relative_k
 
 # model_params sections of every keypoint model (FOMM's VoxCeleb-256 values)
 KEYPOINT_MODEL_PARAMS = {
-    "common_params": {"num_kp": 10, "num_channels": 3, "estimate_jacobian": True},
+    "common_params": {"num_kp": 10, "num_channels": 3, "estimate_jacobian": True,
+                      # the reference's sampling convention (modules/coords.py); true = ours
+                      "align_corners": False},
     "kp_detector_params": {
         "block_expansion": 32, "max_features": 1024, "num_blocks": 5,
         "scale_factor": 0.25,          # the detector sees the image at 1/4 resolution
         "temperature": 0.1,            # softmax temperature of the keypoint heatmaps
         "single_jacobian_map": False,  # one Jacobian map shared by all keypoints
+        "head_padding": 0,             # the reference's unpadded 7x7 heads; 3 keeps the size
     },
     "discriminator_params": {
         "scales": [1.0],
@@ -29,6 +32,7 @@ KEYPOINT_MODEL_PARAMS = {
         "use_spectral_norm": True,     # FOMM's `sn`
         "use_kp": False,               # keypoint heatmaps concatenated to the input
         "kp_variance": 0.01,
+        "pyramid_method": "gaussian_subsample",   # the reference; or replicate_bilinear
     },
 }
 KEYPOINT_TRAIN_PARAMS = dict(OBJECTIVE_TRAIN_PARAMS, lr_generator=2.0e-4, lr_kp_detector=2.0e-4,
@@ -54,7 +58,8 @@ class KeypointModel(AnimationModel):
                                                 **model_params["discriminator_params"])
         self.adversarial = AdversarialObjective(discriminator, train_params)
         self.perceptual = PerceptualPyramid.from_config(train_params)
-        self.equivariance = EquivarianceObjective.from_config(train_params)
+        self.equivariance = EquivarianceObjective.from_config(
+            train_params, align_corners=common["align_corners"])
 
     # ---------------------------------------------------------------- training
     def optimizer_groups(self):

@@ -39,7 +39,9 @@ OBJECTIVE_TRAIN_PARAMS = {
         "equivariance_value": 10.0,
         "equivariance_jacobian": 10.0,
     },
-    "transform_params": {"sigma_affine": 0.05, "sigma_tps": 0.005, "points_tps": 5},
+    # the random warp of the equivariance losses; tps_kernel 'reference' (FOMM's) or 'euclidean'
+    "transform_params": {"sigma_affine": 0.05, "sigma_tps": 0.005, "points_tps": 5,
+                         "tps_kernel": "reference"},
     # VGG-19 ImageNet weights of the perceptual loss: this file, else torchvision's file in the
     # torch hub cache (<torch hub dir>/checkpoints/vgg19-dcbb9e9d.pth); missing -> error.
     "perceptual_weights_path": None,
@@ -300,17 +302,17 @@ class EquivarianceObjective:
     mean |I - J_D^-1 dT(p_{D_T}) J_{D_T}|).
     """
 
-    def __init__(self, transform_params, value_weight, jacobian_weight):
-        self.transform_params = dict(transform_params)
+    def __init__(self, transform_params, value_weight, jacobian_weight, align_corners=False):
+        self.transform_params = dict(transform_params, align_corners=align_corners)
         self.value_weight, self.jacobian_weight = value_weight, jacobian_weight
 
     @classmethod
-    def from_config(cls, train_params):
+    def from_config(cls, train_params, align_corners=False):
         weights = train_params["loss_weights"]
         if not (weights["equivariance_value"] or weights["equivariance_jacobian"]):
             return None
         return cls(train_params["transform_params"], weights["equivariance_value"],
-                   weights["equivariance_jacobian"])
+                   weights["equivariance_jacobian"], align_corners)
 
     def __call__(self, detector, driving, kp_driving, generated=None, transform=None):
         """Losses ``{equivariance_value, equivariance_jacobian}`` (those with non-zero weight).

@@ -15,7 +15,8 @@ import yaml
 from compat.checkpoints import (DISCRIMINATOR_PREFIX, NETWORK_PREFIXES, convert_checkpoint,
                                 detect_reference, kernel_scale, load_reference_checkpoint)
 from compat.configs import convert_reference_config, load_reference_config
-from compat.networks import build_networks
+from config import validate
+from modules.registry import build_model, model_schema
 from tools import convert_checkpoint as cli
 
 GOLDEN = Path(__file__).parent / "data" / "golden"
@@ -210,16 +211,14 @@ def test_cli_converts_the_tiny_golden_checkpoint(tmp_path, capsys):
     converted = torch.load(target, weights_only=True)
     assert converted["model"] == "fomm" and converted["converted_from"]["epoch"] == 7
     assert yaml.safe_load(written.read_text())["model_params"] == converted["model_params"]
-    networks = build_networks("fomm", converted["model_params"])
-    for name, network in networks.items():
-        network.load_state_dict(network_state(converted, name))
-        network.eval()
+    model = build_model(validate({"model": "fomm", "model_params": converted["model_params"]},
+                                 model_schema), str(target))
     io = torch.load(GOLDEN / "fomm" / "io.pt", weights_only=True)
     with torch.no_grad():
-        kp_source = networks["kp_detector"](io["inputs"]["source"])
-        kp_driving = networks["kp_detector"](io["inputs"]["driving"])
-        prediction = networks["generator"](io["inputs"]["source"], kp_driving,
-                                           kp_source)["prediction"]
+        kp_source = model.kp_detector(io["inputs"]["source"])
+        kp_driving = model.kp_detector(io["inputs"]["driving"])
+        prediction = model.generator(io["inputs"]["source"], kp_driving,
+                                     kp_source)["prediction"]
     torch.testing.assert_close(prediction, io["generator"]["output"]["prediction"],
                                atol=1e-5, rtol=1e-5)
 
@@ -254,7 +253,11 @@ def test_reference_config_conversion_notes_every_key(folder, model):
     params = config["model_params"]
     assert params["common_params"] == reference["model_params"]["common_params"]
     dense = params["generator_params"]["dense_motion_params"]
-    assert dense["num_occlusion_maps"] == (2 if model == "safa" else 1)
+    if model == "fomm":
+        assert dense["num_occlusion_maps"] == 1
+    else:   # SAFA: O_g and O_ca follow the contextual attention switch
+        assert "num_occlusion_maps" not in dense
+        assert params["safa_params"]["use_contextual_attention"] is True
     assert config["train_params"]["loss_weights"]["equivariance_value"] == 10
     assert config["animate_params"]["relative"] is True
     if model == "fomm":
@@ -262,8 +265,9 @@ def test_reference_config_conversion_notes_every_key(folder, model):
     else:
         assert params["safa_params"]["gade_condition"] == "feature"
         assert config["dataset_params"]["load_landmarks"] is True
-        assert config["train_params"]["loss_weights"]["tdmm"] == 1
-        assert any("photometric: ignored" in note for note in notes)
+        weights = config["train_params"]["loss_weights"]
+        assert weights["tdmm"] == 1 and weights["landmark"] == 1 and weights["photometric"] == 1
+        assert weights["expression_regularization"] == pytest.approx(0.8e-2)
 
 
 def test_reference_config_loads_safely_and_refuses_other_layouts(tmp_path):
@@ -277,3 +281,15 @@ def test_reference_config_loads_safely_and_refuses_other_layouts(tmp_path):
     unsafe.write_text("model_params: !!python/object/apply:os.system ['true']\n")
     with pytest.raises(yaml.YAMLError):
         load_reference_config(unsafe)
+
+
+def test_reference_yaml_is_accepted_by_the_config_loader(caplog):
+    """`--config` takes a reference repository's YAML as it is, with a logged note per key."""
+    import logging
+    from modules.registry import load_config
+    with caplog.at_level(logging.INFO, logger="config"):
+        config = load_config(str(GOLDEN / "safa" / "config-tiny.yaml"))
+    assert config["model"] == "safa"
+    assert config["model_params"]["safa_params"]["gade_condition"] == "feature"
+    assert config["model_params"]["common_params"]["num_kp"] == 5
+    assert "reference-code config" in caplog.text and "tdmm_param" in caplog.text

@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from compat.checkpoints import NETWORK_PREFIXES, convert_checkpoint
+from compat.checkpoints import convert_checkpoint
 from compat.configs import load_reference_config
-from compat.networks import build_networks
+from config import validate
+from modules.registry import build_model, model_schema
 from modules.coords import make_coordinate_grid
 from modules.tdmm_encoder import TDMMEncoder
 from modules.util import ImagePyramid, RandomTransform, kp2gaussian, relative_keypoints
@@ -28,18 +29,16 @@ def load(folder, name):
 
 
 def converted_networks(folder):
-    """Our networks with the reference's tiny weights, converted by compat, in eval mode."""
-    config, _ = load_reference_config(GOLDEN / folder / "config-tiny.yaml")
+    """Our model from the reference's tiny config, with the reference's tiny weights converted
+    by compat (the path `--config REF.yaml --checkpoint REF.pth` takes), in eval mode."""
+    raw, _ = load_reference_config(GOLDEN / folder / "config-tiny.yaml")
+    if raw["model"] == "safa":     # the encoder's weights come from the checkpoint
+        raw["model_params"]["tdmm_params"]["imagenet_init"] = False
+    config = validate(raw, model_schema, model_check=False)
     converted = convert_checkpoint(load(folder, "weights.pt"), config["model_params"])
-    networks = build_networks(converted["model"], converted["model_params"])
-    for name, network in networks.items():
-        prefix = NETWORK_PREFIXES[name]
-        state = {k[len(prefix):]: v for k, v in converted["state_dict"].items()
-                 if k.startswith(prefix)}
-        if state:
-            network.load_state_dict(state)
-        network.eval()
-    return networks
+    model = build_model(config, converted)
+    return {"kp_detector": model.kp_detector, "generator": model.generator,
+            "discriminator": model.adversarial.discriminator}
 
 
 def keypoints(entry):

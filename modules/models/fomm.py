@@ -26,6 +26,7 @@ class FOMM(KeypointModel):
                 "scale_factor": 0.25,
                 "num_occlusion_maps": 1,   # 0 turns occlusion off
                 "kp_variance": 0.01,       # sigma of the heatmap gaussians (eq. 10)
+                "downsample_method": "gaussian_subsample",   # the reference; or replicate_bilinear
             },
         },
     })
@@ -37,6 +38,7 @@ class FOMM(KeypointModel):
         common = model_params["common_params"]
         self.generator = OcclusionAwareGenerator(num_channels=common["num_channels"],
                                                  num_kp=common["num_kp"],
+                                                 align_corners=common["align_corners"],
                                                  **model_params["generator_params"])
 
     def generator_step(self, batch):

@@ -37,7 +37,8 @@ class SAFA(KeypointModel):
             "num_down_blocks": 2, "num_bottleneck_blocks": 6,
             # occlusion maps: O_g, plus O_ca with contextual attention (not a key of its own)
             "dense_motion_params": {"block_expansion": 64, "max_features": 1024, "num_blocks": 5,
-                                    "scale_factor": 0.25, "kp_variance": 0.01},
+                                    "scale_factor": 0.25, "kp_variance": 0.01,
+                                    "downsample_method": "gaussian_subsample"},
         },
         "discriminator_params": {"scales": [1.0, 0.5, 0.25], "use_kp": True,
                                  "use_spectral_norm": False},
@@ -51,8 +52,16 @@ class SAFA(KeypointModel):
             "gade_norm": "batch",
             # the rendered maps' resolution; None = the frame size (the paper)
             "render_size": None,
+            # the paper's choices; configs/vox-safa-code.yaml lists the authors' code's
+            "skip_connections": True,        # warped encoder features as U-Net skips
+            "decoder_gade": False,           # GADE with a learned gate in every up block
+            "heatmap_3d": "driving_minus_source",   # H_3D, eq. 11
             "contextual_attention": {"patch_size": 3, "rate": 2, "softmax_scale": 10.0,
-                                     "fuse_size": 3, "dilations": [1, 2, 4, 8]},
+                                     "fuse_size": 3, "dilations": [1, 2, 4, 8],
+                                     "paste_back": True, "map_marks_visible": True,
+                                     "downsample": "avg", "similarity": "cosine",
+                                     "propagation": "grid", "key_weighting": "min_log",
+                                     "overlap": "coverage"},
             # frames of the training set whose codes set GADE's average code norms (section
             # 4.4.1) when no 3DMM pretraining checkpoint brought them
             "code_norm_frames": 256,
@@ -80,6 +89,8 @@ class SAFA(KeypointModel):
             gade_params={"norm": safa["gade_norm"]},
             contextual_attention_params=dict(attention,
                                              dilations=tuple(attention["dilations"])),
+            skip_connections=safa["skip_connections"], decoder_gade=safa["decoder_gade"],
+            heatmap_3d=safa["heatmap_3d"], align_corners=common["align_corners"],
             **model_params["generator_params"])
         size = safa["render_size"] or config["dataset_params"]["frame_shape"][0]
         self.face_maps = FaceMaps(build_face_model(flame), image_size=size)
