@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from modules.coords import ALIGN_CORNERS, make_coordinate_grid, warp
+from modules.coords import ALIGN_CORNERS, coordinate_grid, make_coordinate_grid, warp
 
 KP_VARIANCE = 0.01  # sigma of the keypoint gaussians, eq. 10 of SAFA (FOMM's kp_variance)
 
@@ -19,10 +19,14 @@ def kp2gaussian(kp_value, spatial_size, variance=KP_VARIANCE):
     """Gaussian heatmaps ``B x K x H x W`` centred on the keypoints ``B x K x 2``.
 
     ``exp(-|z - p|^2 / (2 * variance))`` at every pixel-centre coordinate z; peak value 1.
+    3D keypoints ``B x K x 3`` with ``spatial_size = (D, H, W)`` give ``B x K x D x H x W``.
     """
-    height, width = spatial_size
-    grid = make_coordinate_grid(height, width, dtype=kp_value.dtype, device=kp_value.device)
-    offsets = grid[None, None] - kp_value[:, :, None, None, :]          # B x K x H x W x 2
+    grid = coordinate_grid(spatial_size, dtype=kp_value.dtype, device=kp_value.device)
+    if grid.shape[-1] != kp_value.shape[-1]:
+        raise ValueError(f"{kp_value.shape[-1]}D keypoints need a {kp_value.shape[-1]}D "
+                         f"spatial_size, got {tuple(spatial_size)}")
+    centres = kp_value.reshape(*kp_value.shape[:2], *([1] * (grid.dim() - 1)), grid.shape[-1])
+    offsets = grid[None, None] - centres                                  # B x K x (D) x H x W x n
     return torch.exp(-0.5 * offsets.pow(2).sum(-1) / variance)
 
 
@@ -34,20 +38,22 @@ def keypoint_heatmap_differences(kp_driving, kp_source, spatial_size, variance=K
 
 # ----------------------------------------------------------------------- sparse motions
 def identity_flows(batch_size, spatial_size, dtype=torch.float32, device=None):
-    """The background motion ``T(z) = z`` as ``B x 1 x H x W x 2``."""
-    grid = make_coordinate_grid(*spatial_size, dtype=dtype, device=device)
+    """The background motion ``T(z) = z`` as ``B x 1 x H x W x 2`` (``B x 1 x D x H x W x 3`` for a
+    3D ``spatial_size``)."""
+    grid = coordinate_grid(spatial_size, dtype=dtype, device=device)
     return grid[None, None].expand(batch_size, 1, *grid.shape).contiguous()
 
 
 def affine_source_from_driving(kp_driving, kp_source):
-    """The linear part ``J_S J_D^-1`` of each local affine motion, ``B x K x 2 x 2``.
+    """The linear part ``J_S J_D^-1`` of each local affine motion, ``B x K x n x n`` (n = 2 or 3).
 
     Identity when the keypoints carry no Jacobians (translation-only motion).
     """
-    if "jacobian" not in kp_driving or "jacobian" not in kp_source:
+    if kp_driving.get("jacobian") is None or kp_source.get("jacobian") is None:
         value = kp_driving["value"]
-        eye = torch.eye(2, dtype=value.dtype, device=value.device)
-        return eye.expand(*value.shape[:2], 2, 2)
+        dims = value.shape[-1]
+        eye = torch.eye(dims, dtype=value.dtype, device=value.device)
+        return eye.expand(*value.shape[:2], dims, dims)
     return kp_source["jacobian"] @ torch.linalg.inv(kp_driving["jacobian"])
 
 
@@ -55,13 +61,15 @@ def sparse_affine_flows(kp_driving, kp_source, spatial_size):
     """T_{S<-D,k}(z) = p_S + J_S J_D^-1 (z - p_D), eq. 9, for every pixel z: ``B x K x H x W x 2``.
 
     Backward flows: for each pixel of the driving frame, where keypoint k's motion samples the source.
+    3D keypoints and a ``(D, H, W)`` size give ``B x K x D x H x W x 3`` (face-vid2vid's motions).
     """
     p_driving, p_source = kp_driving["value"], kp_source["value"]
-    grid = make_coordinate_grid(*spatial_size, dtype=p_driving.dtype, device=p_driving.device)
-    relative = grid[None, None] - p_driving[:, :, None, None, :]          # z - p_D
+    grid = coordinate_grid(spatial_size, dtype=p_driving.dtype, device=p_driving.device)
+    spatial = (1,) * (grid.dim() - 1)
+    relative = grid[None, None] - p_driving.reshape(*p_driving.shape[:2], *spatial, -1)  # z - p_D
     linear = affine_source_from_driving(kp_driving, kp_source)           # J_S J_D^-1
-    moved = torch.einsum("bkij,bkhwj->bkhwi", linear, relative)
-    return moved + p_source[:, :, None, None, :]
+    moved = torch.einsum("bkij,bk...j->bk...i", linear, relative)
+    return moved + p_source.reshape(*p_source.shape[:2], *spatial, -1)
 
 
 # ------------------------------------------------------------- relative motion (animation)
@@ -79,29 +87,40 @@ def keypoint_hull_area(kp_value):
     return np.asarray(areas)
 
 
-def movement_scale(kp_source, kp_reference):
-    """sqrt(area_S / area_Dr): FOMM's movement-scale adaptation factor, ``B x 1 x 1``."""
+def movement_scale(kp_source, kp_reference, per_sample=True):
+    """sqrt(area_S / area_Dr): FOMM's movement-scale adaptation factor, ``B x 1 x 1``.
+
+    Areas are convex-hull areas of 2D keypoints, volumes of 3D ones (face-vid2vid).
+    ``per_sample=False`` applies batch element 0's factor to the whole batch, as the reference
+    FOMM / face-vid2vid ``normalize_kp`` does (it animates one source at a time).
+    """
     source_area = keypoint_hull_area(kp_source["value"])
     reference_area = keypoint_hull_area(kp_reference["value"])
     scale = np.where(reference_area > 0, np.sqrt(source_area / np.maximum(reference_area, 1e-12)),
                      1.0)
+    if not per_sample:
+        scale = np.full_like(scale, scale[0])
     value = kp_source["value"]
     return torch.as_tensor(scale, dtype=value.dtype, device=value.device).view(-1, 1, 1)
 
 
 def relative_keypoints(kp_source, kp_driving, kp_reference, adapt_movement_scale=False,
-                       use_relative_movement=True, use_relative_jacobian=True):
+                       use_relative_movement=True, use_relative_jacobian=True,
+                       movement_scale_per_sample=True):
     """Keypoints that move the source as the driving frame moved since the reference frame.
 
     value:    p_S + (p_Dt - p_Dr) * scale
     jacobian: J_Dt J_Dr^-1 J_S
     With these as 'driving' keypoints, eq. 9 becomes SAFA's eq. 21:
     T(z) = p_S + J_Dr J_Dt^-1 (z - p_S + p_Dr - p_Dt).
-    ``scale`` is sqrt(hull area of source / hull area of reference) when ``adapt_movement_scale``.
+    ``scale`` is sqrt(hull area of source / hull area of reference) when ``adapt_movement_scale``
+    (hull volume for 3D keypoints; see :func:`movement_scale` for ``movement_scale_per_sample``).
+    Works for 2D and 3D keypoints alike (values ``B x K x n``, Jacobians ``B x K x n x n``).
     """
     result = {key: value for key, value in kp_driving.items()}
     if use_relative_movement:
-        scale = movement_scale(kp_source, kp_reference) if adapt_movement_scale else 1.0
+        scale = movement_scale(kp_source, kp_reference, movement_scale_per_sample) \
+            if adapt_movement_scale else 1.0
         movement = kp_driving["value"] - kp_reference["value"]
         result["value"] = kp_source["value"] + movement * scale
     has_jacobians = all("jacobian" in kp for kp in (kp_source, kp_driving, kp_reference))
@@ -220,6 +239,35 @@ class AntiAliasDownsample(nn.Module):
         return F.conv2d(blurred, vertical, groups=channels)
 
 
+class GaussianSubsample(nn.Module):
+    """Anti-aliased downsampling of the public FOMM / face-vid2vid code: Gaussian blur, then
+    every ``1/scale``-th pixel.
+
+    sigma = (1/scale - 1) / 2, a ``2 * round(4 sigma) + 1`` square kernel, zero padding. The
+    kernel is the persistent buffer ``weight`` (``channels x 1 x k x k``), so the reference
+    checkpoints' ``down.weight`` entries load as they are. ``scale`` must be 1/n for an integer n.
+    """
+
+    def __init__(self, channels, scale):
+        super().__init__()
+        self.scale = float(scale)
+        self.step = int(round(1.0 / self.scale))
+        if self.scale > 1 or abs(self.step * self.scale - 1.0) > 1e-6:
+            raise ValueError(f"GaussianSubsample needs scale = 1/n for an integer n; got {scale}")
+        sigma = (1.0 / self.scale - 1.0) / 2.0
+        profile = gaussian_kernel_1d(sigma) if sigma > 0 else torch.ones(1)
+        kernel = torch.outer(profile, profile)                # separable, sums to 1
+        self.register_buffer("weight", kernel.expand(channels, 1, *kernel.shape).clone())
+        self.padding = kernel.shape[-1] // 2
+
+    def forward(self, image):
+        if self.step == 1:
+            return image
+        padded = F.pad(image, [self.padding] * 4)
+        blurred = F.conv2d(padded, self.weight.to(image.dtype), groups=self.weight.shape[0])
+        return blurred[:, :, ::self.step, ::self.step]
+
+
 class ImagePyramid(nn.Module):
     """``{scale: image at that scale}`` for the given scales (1 = the image itself)."""
 
@@ -284,6 +332,7 @@ __all__ = [
     "KP_VARIANCE", "kp2gaussian", "keypoint_heatmap_differences", "identity_flows",
     "affine_source_from_driving", "sparse_affine_flows", "keypoint_hull_area", "movement_scale",
     "relative_keypoints", "RandomTransform", "gaussian_kernel_1d", "AntiAliasDownsample",
+    "GaussianSubsample",
     "ImagePyramid", "distinct_colors", "draw_keypoints", "colorize_masks", "gray_to_rgb",
 ]
 
