@@ -87,7 +87,8 @@ def is_facevid2vid_checkpoint(state):
 
 
 def generator_decoder(generator_state):
-    """'spade' for ``OcclusionAwareSPADEGenerator`` states (``decoder.*`` entries), else 'original'."""
+    """'spade' for ``OcclusionAwareSPADEGenerator`` states (``decoder.*`` entries), else
+    'original'."""
     return "spade" if any(key.startswith("decoder.") for key in generator_state) else "original"
 
 

@@ -25,11 +25,12 @@ class KeypointHourglass3d(nn.Module):
     def __init__(self, block_expansion, in_features, reshape_features, reshape_depth,
                  num_blocks=3, max_features=256):
         super().__init__()
-        if reshape_features % reshape_depth:
-            raise ValueError(f"reshape_channel ({reshape_features}) must be divisible by "
-                             f"reshape_depth ({reshape_depth})")
         channels = [in_features] + [level_channels(block_expansion, i + 1, max_features)
                                     for i in range(num_blocks)]
+        if reshape_features != channels[-1] * reshape_depth:
+            raise ValueError(f"reshape_channel ({reshape_features}) must equal the encoder's last "
+                             f"width times reshape_depth ({channels[-1]} * {reshape_depth}): "
+                             f"the 3D decoder starts from that many channels")
         self.down_blocks = nn.ModuleList(DownBlock2d(channels[i], channels[i + 1])
                                          for i in range(num_blocks))
         self.conv = nn.Conv2d(channels[-1], reshape_features, kernel_size=1)

@@ -72,7 +72,8 @@ def warp(image, flow, padding_mode="zeros"):
 # reference code samples volumes with ``grid_sample``'s default ``align_corners=False`` on the
 # linspace grid below; its networks pass that explicitly (None = ``ALIGN_CORNERS``).
 def make_coordinate_grid_3d(depth, height, width, dtype=torch.float32, device=None):
-    """``D x H x W x 3`` grid of normalized (x, y, z) voxel-centre coordinates (identity 3D flow)."""
+    """``D x H x W x 3`` grid of normalized (x, y, z) voxel-centre coordinates (the identity
+    3D flow)."""
     x = torch.linspace(-1.0, 1.0, width, dtype=dtype, device=device)
     y = torch.linspace(-1.0, 1.0, height, dtype=dtype, device=device)
     z = torch.linspace(-1.0, 1.0, depth, dtype=dtype, device=device)
@@ -91,7 +92,8 @@ def resize_volume_flow(flow, size, align_corners=None):
 
 
 def warp_volume(volume, flow, padding_mode="zeros", align_corners=None):
-    """Backward-warp a feature ``volume`` (B x C x d x h x w) with a 3D ``flow`` (B x D x H x W x 3).
+    """Backward-warp a feature ``volume`` (B x C x d x h x w) with a 3D ``flow``
+    (B x D x H x W x 3).
 
     The flow is resized to the volume's resolution first when they differ.
     """
@@ -102,7 +104,7 @@ def warp_volume(volume, flow, padding_mode="zeros", align_corners=None):
 
 
 def coordinate_grid(spatial_size, dtype=torch.float32, device=None):
-    """The identity grid of a 2D ``(H, W)`` or 3D ``(D, H, W)`` size: ``... x 2`` or ``... x 3``."""
+    """The identity grid of a 2D ``(H, W)`` or 3D ``(D, H, W)`` size (``... x 2`` / ``... x 3``)."""
     if len(spatial_size) == 3:
         return make_coordinate_grid_3d(*spatial_size, dtype=dtype, device=device)
     if len(spatial_size) == 2:

@@ -72,7 +72,8 @@ class DenseMotionNetwork3d(nn.Module):
         return deformed.view(batch, slots, *feature.shape[1:])
 
     def heatmap_representation(self, feature, kp_driving, kp_source):
-        """Zero volume (background) + per-keypoint gaussian differences: ``B x (K+1) x 1 x D x H x W``."""
+        """Zero volume (background), then per-keypoint gaussian differences:
+        ``B x (K+1) x 1 x D x H x W``."""
         size = feature.shape[2:]
         heatmaps = keypoint_heatmap_differences(kp_driving, kp_source, size, self.kp_variance)
         background = heatmaps.new_zeros(heatmaps.shape[0], 1, *size)

@@ -12,8 +12,8 @@
 
 MMFA keeps this pipeline and replaces the decoder with a multi-scale one.
 """
+import torch
 from torch import nn
-import torch.nn.functional as F
 
 from modules.blocks import DownBlock2d, ResBlock2d, SameBlock2d, UpBlock2d, level_channels
 from modules.blocks_3d import ResBlock3d
@@ -22,6 +22,7 @@ from modules.dense_motion_3d import DenseMotionNetwork3d
 from modules.spade_decoder import SPADEDecoder
 
 DECODERS = ("original", "spade")
+FIRST_KERNEL_SIZES = {"original": 7, "spade": 3}   # the reference's two generator classes
 THIRD_BLOCK_SLOPE = 0.01   # leaky ReLU of the block after the warp (torch's default slope)
 
 
@@ -40,7 +41,7 @@ class ResidualDecoder(nn.Module):
         out = self.resblocks(feature)
         for block in self.up_blocks:
             out = block(out)
-        return F.sigmoid(self.final(out))
+        return torch.sigmoid(self.final(out))
 
 
 class OcclusionAwareGenerator3d(nn.Module):
@@ -53,14 +54,16 @@ class OcclusionAwareGenerator3d(nn.Module):
     input) must equal ``reshape_channel``. ``dense_motion_params``: keyword arguments of
     :class:`DenseMotionNetwork3d` (``block_expansion``, ``max_features``, ``num_blocks``,
     ``reshape_depth``, ``compress``). ``decoder``: 'original' or 'spade' (``spade_params``:
-    keyword arguments of :class:`SPADEDecoder`). ``align_corners``: the volume warp's sampling
-    convention (the reference: False).
+    keyword arguments of :class:`SPADEDecoder`). ``first_kernel_size``: the first convolution's
+    kernel (None: 7 with the original decoder, 3 with SPADE, as the reference's two classes).
+    ``align_corners``: the volume warp's sampling convention (the reference: False).
     """
 
     def __init__(self, num_kp=15, image_channel=3, feature_channel=32, block_expansion=64,
                  max_features=512, num_down_blocks=2, reshape_channel=32, reshape_depth=16,
                  num_resblocks=6, estimate_occlusion_map=True, dense_motion_params=None,
-                 decoder="original", spade_params=None, align_corners=False):
+                 decoder="original", spade_params=None, first_kernel_size=None,
+                 align_corners=False):
         super().__init__()
         self.check_widths(feature_channel, max_features, reshape_channel, reshape_depth, decoder)
         self.reshape_channel = reshape_channel
@@ -74,7 +77,9 @@ class OcclusionAwareGenerator3d(nn.Module):
                 **dense_motion_params)
         channels = [level_channels(block_expansion, i, max_features)
                     for i in range(num_down_blocks + 1)]
-        self.first = SameBlock2d(image_channel, block_expansion, kernel_size=7, padding=3)
+        first_kernel_size = first_kernel_size or FIRST_KERNEL_SIZES[decoder]
+        self.first = SameBlock2d(image_channel, block_expansion, kernel_size=first_kernel_size,
+                                 padding=first_kernel_size // 2)
         self.down_blocks = nn.ModuleList(DownBlock2d(channels[i], channels[i + 1])
                                          for i in range(num_down_blocks))
         self.second = nn.Conv2d(channels[-1], max_features, kernel_size=1)

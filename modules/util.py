@@ -2,7 +2,9 @@
 
 Every coordinate here follows ``modules.coords``: normalized [-1, 1], x before y,
 ``align_corners=True``. Keypoints are dicts ``{'value': B x K x 2, 'jacobian': B x K x 2 x 2}``
-(``jacobian`` is optional: without it a keypoint moves by translation only).
+(``jacobian`` is optional: without it a keypoint moves by translation only). The heatmap,
+sparse-motion and relative-motion helpers also take face-vid2vid's 3D keypoints
+(``B x K x 3``, Jacobians ``B x K x 3 x 3``) with a ``(D, H, W)`` volume size.
 """
 import numpy as np
 import torch
@@ -66,7 +68,7 @@ def sparse_affine_flows(kp_driving, kp_source, spatial_size):
     p_driving, p_source = kp_driving["value"], kp_source["value"]
     grid = coordinate_grid(spatial_size, dtype=p_driving.dtype, device=p_driving.device)
     spatial = (1,) * (grid.dim() - 1)
-    relative = grid[None, None] - p_driving.reshape(*p_driving.shape[:2], *spatial, -1)  # z - p_D
+    relative = grid[None, None] - p_driving.reshape(*p_driving.shape[:2], *spatial, -1)  # z-p_D
     linear = affine_source_from_driving(kp_driving, kp_source)           # J_S J_D^-1
     moved = torch.einsum("bkij,bk...j->bk...i", linear, relative)
     return moved + p_source.reshape(*p_source.shape[:2], *spatial, -1)
@@ -123,7 +125,8 @@ def relative_keypoints(kp_source, kp_driving, kp_reference, adapt_movement_scale
             if adapt_movement_scale else 1.0
         movement = kp_driving["value"] - kp_reference["value"]
         result["value"] = kp_source["value"] + movement * scale
-    has_jacobians = all("jacobian" in kp for kp in (kp_source, kp_driving, kp_reference))
+    has_jacobians = all(kp.get("jacobian") is not None
+                        for kp in (kp_source, kp_driving, kp_reference))
     if use_relative_movement and use_relative_jacobian and has_jacobians:
         jacobian_change = kp_driving["jacobian"] @ torch.linalg.inv(kp_reference["jacobian"])
         result["jacobian"] = jacobian_change @ kp_source["jacobian"]
