@@ -29,15 +29,18 @@ def level_channels(block_expansion, level, max_features):
 
 
 class SameBlock2d(nn.Module):
-    """conv -> norm -> ReLU at the same resolution."""
+    """conv -> norm -> ReLU at the same resolution (leaky ReLU when ``negative_slope`` > 0)."""
 
-    def __init__(self, in_features, out_features, kernel_size=3, padding=1, norm="batch"):
+    def __init__(self, in_features, out_features, kernel_size=3, padding=1, norm="batch",
+                 negative_slope=0.0):
         super().__init__()
         self.conv = nn.Conv2d(in_features, out_features, kernel_size, padding=padding)
         self.norm = make_norm(out_features, norm)
+        self.negative_slope = negative_slope
 
     def forward(self, x):
-        return F.relu(self.norm(self.conv(x)))
+        out = self.norm(self.conv(x))
+        return F.leaky_relu(out, self.negative_slope) if self.negative_slope else F.relu(out)
 
 
 class DownBlock2d(nn.Module):

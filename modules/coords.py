@@ -98,3 +98,49 @@ def warp(image, flow, padding_mode="zeros", align_corners=None):
     flow = resize_flow(flow, image.shape[2:], align_corners)
     return F.grid_sample(image, flow.to(image.dtype), mode="bilinear", padding_mode=padding_mode,
                          align_corners=align_corners)
+
+
+# ----------------------------------------------------------------------------- 3D (volumes)
+# Feature volumes ``B x C x D x H x W`` and 3D points normalized to [-1, 1], ordered (x, y, z)
+# with z along the depth axis D. 3D flows are backward ``B x D x H x W x 3``. face-vid2vid's
+# reference code samples volumes with ``grid_sample``'s default ``align_corners=False`` on the
+# linspace grid below; its networks pass that explicitly (None = ``ALIGN_CORNERS``).
+def make_coordinate_grid_3d(depth, height, width, dtype=torch.float32, device=None):
+    """``D x H x W x 3`` grid of normalized (x, y, z) voxel-centre coordinates (the identity
+    3D flow)."""
+    x = axis_coordinates(width, dtype, device)
+    y = axis_coordinates(height, dtype, device)
+    z = axis_coordinates(depth, dtype, device)
+    zz, yy, xx = torch.meshgrid(z, y, x, indexing="ij")
+    return torch.stack([xx, yy, zz], dim=-1)
+
+
+def resize_volume_flow(flow, size, align_corners=None):
+    """``B x D x H x W x 3`` flow trilinearly resampled to ``size`` = (D', H', W')."""
+    if tuple(flow.shape[1:4]) == tuple(size):
+        return flow
+    align_corners = resolve_align_corners(align_corners)
+    resized = F.interpolate(flow.permute(0, 4, 1, 2, 3), size=tuple(size), mode="trilinear",
+                            align_corners=align_corners)
+    return resized.permute(0, 2, 3, 4, 1)
+
+
+def warp_volume(volume, flow, padding_mode="zeros", align_corners=None):
+    """Backward-warp a feature ``volume`` (B x C x d x h x w) with a 3D ``flow``
+    (B x D x H x W x 3).
+
+    The flow is resized to the volume's resolution first when they differ.
+    """
+    align_corners = resolve_align_corners(align_corners)
+    flow = resize_volume_flow(flow, volume.shape[2:], align_corners)
+    return F.grid_sample(volume, flow.to(volume.dtype), mode="bilinear", padding_mode=padding_mode,
+                         align_corners=align_corners)
+
+
+def coordinate_grid(spatial_size, dtype=torch.float32, device=None):
+    """The identity grid of a 2D ``(H, W)`` or 3D ``(D, H, W)`` size (``... x 2`` / ``... x 3``)."""
+    if len(spatial_size) == 3:
+        return make_coordinate_grid_3d(*spatial_size, dtype=dtype, device=device)
+    if len(spatial_size) == 2:
+        return make_coordinate_grid(*spatial_size, dtype=dtype, device=device)
+    raise ValueError(f"spatial_size must be (H, W) or (D, H, W), got {tuple(spatial_size)}")

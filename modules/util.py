@@ -3,15 +3,17 @@
 Every coordinate here follows ``modules.coords``: normalized [-1, 1], x before y, -1 and +1 on the
 border pixels' centres (sampled with either ``align_corners`` convention, see there). Keypoints
 are dicts ``{'value': B x K x 2, 'jacobian': B x K x 2 x 2}`` (``jacobian`` is optional: without
-it a keypoint moves by translation only).
+it a keypoint moves by translation only). The heatmap, sparse-motion and relative-motion helpers
+also take face-vid2vid's 3D keypoints (``B x K x 3``, Jacobians ``B x K x 3 x 3``) with a
+``(D, H, W)`` volume size.
 """
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from modules.coords import (ALIGN_CORNERS, REFERENCE_ALIGN_CORNERS, make_coordinate_grid,
-                            resolve_align_corners, warp)
+from modules.coords import (ALIGN_CORNERS, REFERENCE_ALIGN_CORNERS, coordinate_grid,
+                            make_coordinate_grid, resolve_align_corners, warp)
 
 KP_VARIANCE = 0.01  # sigma of the keypoint gaussians, eq. 10 of SAFA (FOMM's kp_variance)
 
@@ -21,10 +23,14 @@ def kp2gaussian(kp_value, spatial_size, variance=KP_VARIANCE):
     """Gaussian heatmaps ``B x K x H x W`` centred on the keypoints ``B x K x 2``.
 
     ``exp(-|z - p|^2 / (2 * variance))`` at every pixel-centre coordinate z; peak value 1.
+    3D keypoints ``B x K x 3`` with ``spatial_size = (D, H, W)`` give ``B x K x D x H x W``.
     """
-    height, width = spatial_size
-    grid = make_coordinate_grid(height, width, dtype=kp_value.dtype, device=kp_value.device)
-    offsets = grid[None, None] - kp_value[:, :, None, None, :]          # B x K x H x W x 2
+    grid = coordinate_grid(spatial_size, dtype=kp_value.dtype, device=kp_value.device)
+    if grid.shape[-1] != kp_value.shape[-1]:
+        raise ValueError(f"{kp_value.shape[-1]}D keypoints need a {kp_value.shape[-1]}D "
+                         f"spatial_size, got {tuple(spatial_size)}")
+    centres = kp_value.reshape(*kp_value.shape[:2], *([1] * (grid.dim() - 1)), grid.shape[-1])
+    offsets = grid[None, None] - centres                                  # B x K x (D) x H x W x n
     return torch.exp(-0.5 * offsets.pow(2).sum(-1) / variance)
 
 
@@ -36,20 +42,22 @@ def keypoint_heatmap_differences(kp_driving, kp_source, spatial_size, variance=K
 
 # ----------------------------------------------------------------------- sparse motions
 def identity_flows(batch_size, spatial_size, dtype=torch.float32, device=None):
-    """The background motion ``T(z) = z`` as ``B x 1 x H x W x 2``."""
-    grid = make_coordinate_grid(*spatial_size, dtype=dtype, device=device)
+    """The background motion ``T(z) = z`` as ``B x 1 x H x W x 2`` (``B x 1 x D x H x W x 3`` for a
+    3D ``spatial_size``)."""
+    grid = coordinate_grid(spatial_size, dtype=dtype, device=device)
     return grid[None, None].expand(batch_size, 1, *grid.shape).contiguous()
 
 
 def affine_source_from_driving(kp_driving, kp_source):
-    """The linear part ``J_S J_D^-1`` of each local affine motion, ``B x K x 2 x 2``.
+    """The linear part ``J_S J_D^-1`` of each local affine motion, ``B x K x n x n`` (n = 2 or 3).
 
     Identity when the keypoints carry no Jacobians (translation-only motion).
     """
-    if "jacobian" not in kp_driving or "jacobian" not in kp_source:
+    if kp_driving.get("jacobian") is None or kp_source.get("jacobian") is None:
         value = kp_driving["value"]
-        eye = torch.eye(2, dtype=value.dtype, device=value.device)
-        return eye.expand(*value.shape[:2], 2, 2)
+        dims = value.shape[-1]
+        eye = torch.eye(dims, dtype=value.dtype, device=value.device)
+        return eye.expand(*value.shape[:2], dims, dims)
     return kp_source["jacobian"] @ torch.linalg.inv(kp_driving["jacobian"])
 
 
@@ -57,13 +65,15 @@ def sparse_affine_flows(kp_driving, kp_source, spatial_size):
     """T_{S<-D,k}(z) = p_S + J_S J_D^-1 (z - p_D), eq. 9, for every pixel z: ``B x K x H x W x 2``.
 
     Backward flows: for each pixel of the driving frame, where keypoint k's motion samples the source.
+    3D keypoints and a ``(D, H, W)`` size give ``B x K x D x H x W x 3`` (face-vid2vid's motions).
     """
     p_driving, p_source = kp_driving["value"], kp_source["value"]
-    grid = make_coordinate_grid(*spatial_size, dtype=p_driving.dtype, device=p_driving.device)
-    relative = grid[None, None] - p_driving[:, :, None, None, :]          # z - p_D
+    grid = coordinate_grid(spatial_size, dtype=p_driving.dtype, device=p_driving.device)
+    spatial = (1,) * (grid.dim() - 1)
+    relative = grid[None, None] - p_driving.reshape(*p_driving.shape[:2], *spatial, -1)  # z-p_D
     linear = affine_source_from_driving(kp_driving, kp_source)           # J_S J_D^-1
-    moved = torch.einsum("bkij,bkhwj->bkhwi", linear, relative)
-    return moved + p_source[:, :, None, None, :]
+    moved = torch.einsum("bkij,bk...j->bk...i", linear, relative)
+    return moved + p_source.reshape(*p_source.shape[:2], *spatial, -1)
 
 
 # ------------------------------------------------------------- relative motion (animation)
@@ -81,12 +91,19 @@ def keypoint_hull_area(kp_value):
     return np.asarray(areas)
 
 
-def movement_scale(kp_source, kp_reference):
-    """sqrt(area_S / area_Dr): FOMM's movement-scale adaptation factor, ``B x 1 x 1``."""
+def movement_scale(kp_source, kp_reference, per_sample=True):
+    """sqrt(area_S / area_Dr): FOMM's movement-scale adaptation factor, ``B x 1 x 1``.
+
+    Areas are convex-hull areas of 2D keypoints, volumes of 3D ones (face-vid2vid).
+    ``per_sample=False`` applies batch element 0's factor to the whole batch, as the reference
+    FOMM / face-vid2vid ``normalize_kp`` does (it animates one source at a time).
+    """
     source_area = keypoint_hull_area(kp_source["value"])
     reference_area = keypoint_hull_area(kp_reference["value"])
     scale = np.where(reference_area > 0, np.sqrt(source_area / np.maximum(reference_area, 1e-12)),
                      1.0)
+    if not per_sample:
+        scale = np.full_like(scale, scale[0])
     value = kp_source["value"]
     return torch.as_tensor(scale, dtype=value.dtype, device=value.device).view(-1, 1, 1)
 
@@ -100,9 +117,11 @@ def relative_keypoints(kp_source, kp_driving, kp_reference, adapt_movement_scale
     jacobian: J_Dt J_Dr^-1 J_S
     With these as 'driving' keypoints, eq. 9 becomes SAFA's eq. 21:
     T(z) = p_S + J_Dr J_Dt^-1 (z - p_S + p_Dr - p_Dt).
-    ``scale`` is sqrt(hull area of source / hull area of reference) when ``adapt_movement_scale``,
-    1 otherwise. Without ``use_relative_movement`` the driving keypoints are returned as they are
-    (absolute motion); ``use_relative_jacobian`` only acts with relative movement.
+    ``scale`` is sqrt(hull area of source / hull area of reference) when ``adapt_movement_scale``
+    (hull volume for 3D keypoints), 1 otherwise. Without ``use_relative_movement`` the driving
+    keypoints are returned as they are (absolute motion); ``use_relative_jacobian`` only acts with
+    relative movement. Works for 2D and 3D keypoints alike (values ``B x K x n``, Jacobians
+    ``B x K x n x n``).
 
     ``scale_from_first_sample``: one factor for the whole batch, from its first sample, as the
     reference code's ``normalize_kp`` computes it (it animates one frame at a time, where the two
@@ -111,14 +130,12 @@ def relative_keypoints(kp_source, kp_driving, kp_reference, adapt_movement_scale
     """
     result = {key: value for key, value in kp_driving.items()}
     if use_relative_movement:
-        scale = 1.0
-        if adapt_movement_scale:
-            scale = movement_scale(kp_source, kp_reference)
-            if scale_from_first_sample:
-                scale = scale[:1]
+        scale = movement_scale(kp_source, kp_reference, per_sample=not scale_from_first_sample) \
+            if adapt_movement_scale else 1.0
         movement = kp_driving["value"] - kp_reference["value"]
         result["value"] = kp_source["value"] + movement * scale
-    has_jacobians = all("jacobian" in kp for kp in (kp_source, kp_driving, kp_reference))
+    has_jacobians = all(kp.get("jacobian") is not None
+                        for kp in (kp_source, kp_driving, kp_reference))
     if use_relative_movement and use_relative_jacobian and has_jacobians:
         jacobian_change = kp_driving["jacobian"] @ torch.linalg.inv(kp_reference["jacobian"])
         result["jacobian"] = jacobian_change @ kp_source["jacobian"]
