@@ -15,7 +15,8 @@ field         size   meaning
                      basis (the open head: 50, BFM: 80; units of one standard deviation)
 ``light``     opt.   gamma, spherical-harmonics lighting: 27 = 9 bands x RGB, stored B x 27
                      band-major (``light.view(B, 9, 3)[:, band, channel]``); a B x 9 x 3 tensor
-                     is flattened on construction. Basis and constants: ``modules.shading``.
+                     is flattened on construction. Basis, constants and the B x 9 x 3 view
+                     (``light_bands``): ``modules.shading``.
 ============  =====  =====================================================================
 
 ``to_vector`` concatenates the fields in exactly the order of ``FIELD_ORDER`` (shape, exp, pose,
@@ -36,7 +37,6 @@ import torch
 FIELD_ORDER = ("shape", "exp", "pose", "cam", "tex", "light")
 REQUIRED_FIELDS = ("shape", "exp", "pose", "cam")
 DEFAULT_SIZES = {"shape": 100, "exp": 50, "pose": 6, "cam": 3, "tex": 0, "light": 0}
-LIGHT_SIZE = 27                 # 9 spherical-harmonics bands x RGB
 
 
 @dataclass
@@ -65,11 +65,6 @@ class FaceCodes:
     def sizes(self):
         """Size of each present field (light counted flattened)."""
         return {name: int(np.prod(value.shape[1:])) for name, value in self.fields()}
-
-    @property
-    def light_rgb(self):
-        """B x 9 x 3 view of the light: SH band, then channel (R, G, B)."""
-        return None if self.light is None else self.light.reshape(self.light.shape[0], -1, 3)
 
     @property
     def global_pose(self):

@@ -310,8 +310,9 @@ def test_faces_point_outwards_and_contour_follows_yaw(flame):
 
 # ----------------------------------------------------------------------------- appearance
 def test_face_codes_carry_texture_and_light():
-    c = codes(2, seed=9).replace(tex=torch.randn(2, 50), light=torch.randn(2, 9, 3))
-    assert c.light.shape == (2, 27) and torch.equal(c.light_rgb[:, 4], c.light[:, 12:15])
+    bands = torch.randn(2, 9, 3)
+    c = codes(2, seed=9).replace(tex=torch.randn(2, 50), light=bands)
+    assert c.light.shape == (2, 27) and torch.equal(bands[:, 4], c.light[:, 12:15])   # band-major
     assert c.sizes == {"shape": 100, "exp": 50, "pose": 6, "cam": 3, "tex": 50, "light": 27}
     back = FaceCodes.from_vector(c.to_vector(), n_tex=50, n_light=27)
     assert torch.equal(back.tex, c.tex) and torch.equal(back.light, c.light)
