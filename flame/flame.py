@@ -147,7 +147,7 @@ class FLAME(nn.Module):
 
     def __init__(self, model, landmark_embedding, n_shape=100, n_exp=50, template=None,
                  face_mask=None, shape_components_in_file=SHAPE_COMPONENTS_IN_FILE, albedo=None,
-                 n_tex=None):
+                 n_tex=None, albedo_path=None):
         super().__init__()
         self.n_shape, self.n_exp = n_shape, n_exp
         f32 = lambda a: torch.as_tensor(np.asarray(a, dtype=np.float32))  # noqa: E731
@@ -174,6 +174,7 @@ class FLAME(nn.Module):
         self.parents = [int(p) for p in parents]
         self._register_landmarks(landmark_embedding)
         self._register_uv(template, face_mask)
+        self.albedo_path = albedo_path or loaders.ASSET_FILES["albedo"]   # named in errors
         self._register_albedo(albedo, n_tex)
 
     # .................................................................. construction helpers
@@ -184,12 +185,9 @@ class FLAME(nn.Module):
         paths may be overridden with model_path=, landmark_path=, template_path=,
         face_mask_path=, albedo_path=. ``n_tex``: albedo components used (None: all in the file)."""
         assets = loaders.load_flame_assets(folder, **paths)
-        if n_tex and assets["albedo"] is None:
-            raise loaders.missing_albedo_error(assets["paths"]["albedo"])
-        flame = cls(assets["model"], assets["landmarks"], n_shape, n_exp, assets["template"],
-                    assets["face_mask"], albedo=assets["albedo"], n_tex=n_tex)
-        flame.albedo_path = assets["paths"]["albedo"]
-        return flame
+        return cls(assets["model"], assets["landmarks"], n_shape, n_exp, assets["template"],
+                   assets["face_mask"], albedo=assets["albedo"], n_tex=n_tex,
+                   albedo_path=assets["paths"]["albedo"])
 
     @classmethod
     def open_head(cls, n_shape=100, n_exp=50, cache_dir=None, n_tex=None):
@@ -223,7 +221,6 @@ class FLAME(nn.Module):
 
     def _register_albedo(self, albedo, n_tex):
         """Per-vertex albedo buffers (not saved in checkpoints: they come from the asset files)."""
-        self.albedo_path = loaders.ASSET_FILES["albedo"]       # from_assets sets the full path
         if albedo is None:
             if n_tex:
                 raise loaders.missing_albedo_error(self.albedo_path)
