@@ -7,7 +7,8 @@ clothes, smooth random head motion (yaw up to +-45 degrees, pitch +-20, roll +-1
 scale), jaw opening, expressions, blinks and gaze, spherical-harmonics lighting (ambient plus a
 distant light, ``modules.shading``). Ground truth comes with every video, so every loss and
 metric runs end to end on a fresh machine: the head is exactly albedo(tex) * SH shading(light)
-per vertex, so the sidecar codes re-render the face (``modules.shading.ShadedFace``).
+per vertex, so the sidecar codes re-render the face (``modules.shading.ShadedFace``; exactly at
+``supersample`` 1, up to the antialiasing otherwise).
 
 Layout (FOMM frame folders; identities are disjoint between the splits)::
 
@@ -178,7 +179,7 @@ class TalkingHeadRenderer:
 
     def _render(self, identity, part, scene):
         """The head coloured with its albedo codes and the scene's SH light (modules.shading), so
-        the sidecar codes (shape, exp, pose, cam, tex, light) reproduce the face exactly."""
+        the sidecar codes (shape, exp, pose, cam, tex, light) reproduce the face."""
         from modules.renderer import screen_vertices, vertex_normals, weak_perspective
         from modules.shading import shade_vertices
         batch = part["pose"].shape[0]
