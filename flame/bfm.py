@@ -37,9 +37,10 @@ Conventions (checked on load)
 -----------------------------
 * Indices: ``tri`` and ``keypoints`` are 1-based and become 0-based (a 0 in them is an error).
 * Units: the length unit is inferred from the mean face's width (a face front is about 16 cm wide):
-  the power of ten that brings it closest, so micrometres (BFM 2009), 1e-5 of them (Deep3DFaceRecon
-  divides by 1e5), millimetres or metres all end up in metres, as FLAME; ``length_unit`` (metres
-  per file unit) overrides it. The mean shape is centred on its vertex centroid, so the global
+  the power of ten that brings it closest, so BFM 2009's micrometres, the rescaled units of
+  Deep3DFaceRecon's conversion (we expect 1e5 micrometres = 0.1 m; the inference does not rely on
+  it), millimetres or metres all end up in metres, as FLAME; ``length_unit`` (metres per file
+  unit) overrides it. The mean shape is centred on its vertex centroid, so the global
   rotation turns the face about its middle (as Deep3DFaceRecon does).
 * Colours: a mean texture above 1 is taken as 0..255 and divided by 255 (basis too); albedo is
   clamped to [0, 1].
