@@ -44,7 +44,8 @@ Conventions (checked on load)
   rotation turns the face about its middle (as Deep3DFaceRecon does).
 * Colours: a mean texture above 1 is taken as 0..255 and divided by 255 (basis too); albedo is
   clamped to [0, 1].
-* Axes: +X the subject's left, +Y up, +Z out of the face, as FLAME. Triangles are made
+* Axes: +X the subject's left, +Y up, +Z out of the face, as FLAME (checked: the nose tip must
+  be in front of the jaw line). Triangles are made
   counter-clockwise seen from the front (flipped on load if the file winds them the other way),
   which the renderer's back-face culling expects.
 
@@ -148,6 +149,16 @@ def counter_clockwise(faces, vertices):
     return faces if facing >= 0 else faces[:, [0, 2, 1]]
 
 
+def check_facing_the_camera(vertices, keypoints):
+    """The mean face must look towards +Z: its nose tip (iBUG landmark 30) in front of the ends of
+    the jaw line (landmarks 0 and 16)."""
+    z = vertices[keypoints, 2]
+    if z[30] <= max(z[0], z[16]):
+        raise ValueError("the BFM mean face does not look towards +Z (its nose tip, landmark 30, is "
+                         "not in front of the jaw line's ends, landmarks 0 and 16): this loader "
+                         "expects BFM's axes (+X the subject's left, +Y up, +Z out of the face)")
+
+
 # ----------------------------------------------------------------------------- the decoder
 class BFM(nn.Module):
     """Basel Face Model decoder with FLAME's call interface: codes -> vertices, landmarks.
@@ -177,6 +188,7 @@ class BFM(nn.Module):
                              persistent=False)
         self.register_buffer("albedo_basis", f32(basis(model["texBase"], self.n_tex) / colour_scale),
                              persistent=False)
+        check_facing_the_camera(centred, np.asarray(model["keypoints"], np.int64).reshape(-1))
         faces = counter_clockwise(np.asarray(model["tri"], np.int64), centred)
         self.register_buffer("faces", torch.as_tensor(faces), persistent=False)
         self.register_buffer("landmark_indices",

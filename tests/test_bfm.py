@@ -30,8 +30,11 @@ def tiny_bfm_arrays(seed=0, clockwise=False, unit_scale=1.0):
     tri = np.array(tri)
     if clockwise:
         tri = tri[:, [0, 2, 1]]
-    interior = [i * GRID + j for i in range(2, GRID - 2) for j in range(2, GRID - 2)]
+    centre, left, right = 7 * GRID + 7, 7 * GRID + 2, 7 * GRID + 12
+    interior = [i * GRID + j for i in range(2, GRID - 2) for j in range(2, GRID - 2)
+                if i * GRID + j not in (centre, left, right)]
     keypoints = rng.choice(interior, 68, replace=False)
+    keypoints[30], keypoints[0], keypoints[16] = centre, left, right    # nose tip, jaw ends
     n3 = mean.size
     colour = np.stack([0.8 + 0.1 * u, 0.6 + 0.05 * v, 0.5 * np.ones_like(u)], -1).reshape(-1, 3)
     return {
@@ -167,6 +170,10 @@ def test_bad_files_are_refused_with_the_reason(tmp_path):
     scipy.io.savemat(str(tmp_path / "zero_based.mat"), dict(arrays, tri=arrays["tri"] - 1))
     with pytest.raises(ValueError, match="tri must hold 1-based"):
         load_bfm_model(tmp_path / "zero_based.mat")
+    backwards = arrays["meanshape"].reshape(-1, 3) * [-1, 1, -1]          # turned to look at -Z
+    scipy.io.savemat(str(tmp_path / "backwards.mat"), dict(arrays, meanshape=backwards.reshape(1, -1)))
+    with pytest.raises(ValueError, match=r"\+Z"):
+        BFM.from_file(tmp_path / "backwards.mat")
     scipy.io.savemat(str(tmp_path / "ok.mat"), arrays)
     with pytest.raises(ValueError, match="n_shape"):
         BFM.from_file(tmp_path / "ok.mat", n_shape=N_ID + 1)
