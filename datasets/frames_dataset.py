@@ -23,6 +23,7 @@ from modules.coords import pixels_to_normalized
 
 SIDECAR_SUFFIXES = (".landmarks.npy", ".flame.npz")
 FLAME_KEYS = ("shape", "exp", "pose", "cam")
+OPTIONAL_FLAME_KEYS = ("tex", "light")   # albedo and SH lighting codes, when the fit has them
 
 
 def list_videos(folder):
@@ -87,7 +88,8 @@ def load_sidecars(video_path, load_landmarks, load_flame):
             missing = [k for k in FLAME_KEYS if k not in data]
             if missing:
                 raise ValueError(f"{path}: FLAME sidecar lacks arrays {missing}")
-            out["flame"] = {k: np.asarray(data[k], dtype=np.float32) for k in FLAME_KEYS}
+            out["flame"] = {k: np.asarray(data[k], dtype=np.float32)
+                            for k in FLAME_KEYS + OPTIONAL_FLAME_KEYS if k in data}
     return out
 
 

@@ -1,11 +1,14 @@
 """Synthetic talking heads: the framework's embedded default dataset.
 
 Videos of random identities rendered from the open head model (``flame.open_head``) with the
-project's renderer: random face shapes, procedural skin textures (darker brows, lips, eye colour,
-hair), static procedural backgrounds, shoulders in clothes, smooth random head motion (yaw up to
-+-45 degrees, pitch +-20, roll +-15, translation, scale), jaw opening, expressions, blinks and gaze,
-Lambertian + ambient shading. Ground truth comes with every video, so every loss and metric runs
-end to end on a fresh machine.
+project's renderer: random face shapes, random albedo in the open head's per-vertex albedo basis
+(skin tone, cheeks, lips, brows, hair, eye colour), static procedural backgrounds, shoulders in
+clothes, smooth random head motion (yaw up to +-45 degrees, pitch +-20, roll +-15, translation,
+scale), jaw opening, expressions, blinks and gaze, spherical-harmonics lighting (ambient plus a
+distant light, ``modules.shading``). Ground truth comes with every video, so every loss and
+metric runs end to end on a fresh machine: the head is exactly albedo(tex) * SH shading(light)
+per vertex, so the sidecar codes re-render the face (``modules.shading.ShadedFace``; exactly at
+``supersample`` 1, up to the antialiasing otherwise).
 
 Layout (FOMM frame folders; identities are disjoint between the splits)::
 
@@ -13,7 +16,9 @@ Layout (FOMM frame folders; identities are disjoint between the splits)::
     <out>/train/id00003#vid01#000.landmarks.npy   float32 T x 68 x 2, pixel-index (x, y)
     <out>/train/id00003#vid01#000.flame.npz       float32 shape (T, n_shape), exp (T, n_exp),
                                                   pose (T, 6) global + jaw, cam (T, 3) s, tx, ty,
-                                                  eye_pose (T, 6) left + right eye (gaze)
+                                                  eye_pose (T, 6) left + right eye (gaze),
+                                                  tex (T, 50) albedo codes (one per identity),
+                                                  light (T, 27) SH light (one per video)
     <out>/test/...
     <out>/synthetic_manifest.json                 the generation parameters
 
@@ -41,14 +46,6 @@ MANIFEST = "synthetic_manifest.json"
 DEFAULTS = {"size": 64, "train_videos": 8, "test_videos": 2, "frames": 16, "seed": 0,
             "videos_per_identity": 2, "supersample": 1, "n_shape": 100, "n_exp": 50}
 SPLIT_CODES = {"train": 1, "test": 2}
-TEXTURE_SIZE = 256
-
-SKIN_TONES = np.array([[0.96, 0.80, 0.69], [0.90, 0.72, 0.60], [0.80, 0.60, 0.46],
-                       [0.66, 0.46, 0.33], [0.48, 0.32, 0.22], [0.36, 0.24, 0.17]])
-HAIR_COLOURS = np.array([[0.08, 0.06, 0.05], [0.25, 0.16, 0.09], [0.45, 0.30, 0.16],
-                         [0.80, 0.65, 0.40], [0.55, 0.22, 0.10], [0.62, 0.62, 0.62]])
-IRIS_COLOURS = np.array([[0.35, 0.20, 0.10], [0.20, 0.40, 0.70], [0.25, 0.50, 0.30],
-                         [0.50, 0.40, 0.20], [0.45, 0.50, 0.55]])
 
 
 def smoothstep(edge0, edge1, x):
@@ -56,117 +53,24 @@ def smoothstep(edge0, edge1, x):
     return t * t * (3 - 2 * t)
 
 
-# ============================================================================= textures
-def _low_frequency(rng, phi, theta, terms=6, low=1.5, high=7.0):
-    out = np.zeros_like(phi)
-    for _ in range(terms):
-        f = rng.uniform(low, high, size=2) * rng.choice([-1, 1], size=2)
-        out += np.sin(f[0] * phi + f[1] * theta + rng.uniform(0, 2 * np.pi))
-    return out / np.sqrt(terms)
+# ============================================================================= appearance
+def sample_albedo_codes(rng, n_tex, n_named):
+    """Texture codes delta of one identity in the open head's albedo basis: the named components
+    (skin lightness first, spread towards dark skins too), then fainter random skin fields."""
+    tex = np.clip(rng.normal(0.0, 0.6, n_tex), -2.0, 2.0)
+    tex[:n_named] = np.clip(rng.normal(0.0, 1.0, n_named), -2.0, 2.0)
+    tex[0] = rng.uniform(-3.0, 1.5)                             # skin lightness: dark to light
+    return tex
 
 
-def _mix(base, colour, weight):
-    return base * (1 - weight[..., None]) + np.asarray(colour) * weight[..., None]
-
-
-class TexturePainter:
-    """Procedural UV textures for the open head (skin, brows, lips, hair, eyes, mouth)."""
-
-    def __init__(self, size=TEXTURE_SIZE):
-        import flame.open_head as open_head
-        builder = open_head.OpenHeadBuilder()
-        self.oh = open_head
-        self.size = size
-        self.layout = builder.uv_layout(size)
-        brows = builder.static_landmark_params()[5:10]                     # left brow, inner->outer
-        self.brow_phi = np.array([p[0] for p in brows])
-        self.brow_theta = np.array([p[1] for p in brows])
-
-    def paint(self, rng):
-        lay = self.layout
-        phi, theta = np.nan_to_num(lay["phi"]), np.nan_to_num(lay["theta"], nan=-3.0)
-        skin_tone = SKIN_TONES[rng.integers(len(SKIN_TONES))] * rng.uniform(0.92, 1.06, 3)
-        hair = HAIR_COLOURS[rng.integers(len(HAIR_COLOURS))] * rng.uniform(0.85, 1.15, 3)
-        tex = self._skin(rng, phi, theta, skin_tone)
-        tex = self._face_details(rng, tex, phi, theta, skin_tone, hair)
-        tex = self._hair(rng, tex, phi, theta, hair)
-        tex = self._eyes(rng, tex)
-        tex = self._mouth(tex)
-        skin_region = ~np.isnan(lay["theta"])
-        eye_or_mouth = ~np.isnan(lay["eye_r"]) | ~np.isnan(lay["cavity_r"])
-        tex[~skin_region & ~eye_or_mouth] = skin_tone * 0.8
-        return torch.tensor(np.clip(tex, 0, 1), dtype=torch.float32).permute(2, 0, 1)
-
-    def _skin(self, rng, phi, theta, tone):
-        shade = 1 + 0.05 * _low_frequency(rng, phi, theta) + 0.015 * rng.normal(size=phi.shape)
-        tex = tone[None, None] * shade[..., None]
-        cheeks = np.exp(-0.5 * (((np.abs(phi) - 0.55) / 0.2) ** 2 + ((theta + 0.15) / 0.18) ** 2))
-        tex = _mix(tex, tone * [1.02, 0.82, 0.8], rng.uniform(0.2, 0.5) * cheeks)
-        ears = np.exp(-0.5 * (((np.abs(phi) - 1.62) / 0.1) ** 2 + ((theta - 0.05) / 0.2) ** 2))
-        tex = _mix(tex, tone * [1.0, 0.8, 0.78], 0.4 * ears)
-        return tex * (1 - 0.12 * smoothstep(-1.0, -1.3, theta))[..., None]   # neck in shadow
-
-    def _face_details(self, rng, tex, phi, theta, tone, hair):
-        oh = self.oh
-        a = np.abs(phi)
-        # brows: a band along the brow landmarks
-        brow_centre = np.interp(a, self.brow_phi, self.brow_theta) + 0.012
-        thick = rng.uniform(0.016, 0.03)
-        brow = (smoothstep(thick, 0.5 * thick, np.abs(theta - brow_centre))
-                * smoothstep(0.1, 0.16, a) * smoothstep(0.86, 0.74, a))
-        tex = _mix(tex, hair * 0.7 + tone * 0.1, rng.uniform(0.7, 0.95) * brow)
-        # lips: bands above and below the slit, narrowing to the corners
-        m = np.radians(oh.MOUTH_THETA_DEG)
-        across = np.sqrt(np.clip(1 - (phi / (oh.MOUTH_PHI + 0.02)) ** 2, 0, 1))
-        upper = smoothstep(0.075 * across + 0.004, 0.06 * across, theta - m) * (theta >= m)
-        lower = smoothstep(0.1 * across + 0.004, 0.08 * across, m - theta) * (theta < m)
-        lip = np.clip(upper + lower, 0, 1) * (across > 0)
-        lip_colour = tone * rng.uniform([0.85, 0.45, 0.45], [1.0, 0.65, 0.62])
-        tex = _mix(tex, lip_colour, lip)
-        # inside the eye almonds (seen at the corners) and a darker upper lid
-        inside, rho = oh.almond(phi, theta)
-        tex = _mix(tex, tone * [0.6, 0.35, 0.35], inside)
-        lid = smoothstep(1.8, 1.1, rho) * (theta > oh.EYE_THETA) * (1 - inside)
-        return tex * (1 - 0.15 * lid)[..., None]
-
-    def _hair(self, rng, tex, phi, theta, hair):
-        a = np.abs(phi)
-        front = rng.uniform(0.85, 1.05) if rng.uniform() > 0.1 else 1.35
-        line = np.interp(a, [0, 0.6, 1.1, 1.35, 1.55, 2.2, np.pi],
-                         [front, front - 0.06, 0.6, 0.12, 0.32, -0.55, -0.75])
-        weight = smoothstep(line - 0.02, line + 0.04, theta)
-        strands = (1 + 0.12 * np.sin(70 * phi + 4 * np.sin(3 * theta))
-                   + 0.06 * rng.normal(size=phi.shape))
-        return _mix(tex, 0, weight) + weight[..., None] * hair * strands[..., None]
-
-    def _eyes(self, rng, tex):
-        lay = self.layout
-        r = lay["eye_r"]
-        eye = ~np.isnan(r)
-        r = np.nan_to_num(r, nan=1.0)
-        iris_colour = IRIS_COLOURS[rng.integers(len(IRIS_COLOURS))] * rng.uniform(0.8, 1.2, 3)
-        sclera = np.array([0.93, 0.91, 0.88])
-        colour = np.ones(r.shape + (3,)) * sclera
-        iris = smoothstep(0.19, 0.165, r)
-        streaks = 1 + 0.15 * np.sin(25 * np.nan_to_num(lay["eye_angle"]))
-        colour = _mix(colour, 0, iris) + iris[..., None] * iris_colour * streaks[..., None]
-        colour = _mix(colour, [0.03, 0.03, 0.03], smoothstep(0.075, 0.06, r))      # pupil
-        colour = colour * (1 - 0.3 * smoothstep(0.12, 0.19, r) * iris)[..., None]  # limbal ring
-        tex[eye] = colour[eye]
-        return tex
-
-    def _mouth(self, tex):
-        lay = self.layout
-        r, ang = lay["cavity_r"], lay["cavity_angle"]
-        cavity = ~np.isnan(r)
-        r, ang = np.nan_to_num(r), np.nan_to_num(ang)
-        colour = np.array([0.3, 0.06, 0.07]) * (0.45 + 0.55 * r)[..., None]
-        tongue = smoothstep(0.75, 0.55, r) * smoothstep(-0.2, -0.6, np.sin(ang))
-        colour = _mix(colour, [0.62, 0.3, 0.32], 0.8 * tongue)
-        teeth = smoothstep(0.72, 0.8, r) * smoothstep(0.35, 0.6, np.abs(np.sin(ang)))
-        colour = _mix(colour, [0.92, 0.9, 0.82], teeth)
-        tex[cavity] = colour[cavity]
-        return tex
+def sample_light(rng):
+    """27 SH light codes of one scene: ambient plus a distant light from the front half-space,
+    slightly tinted."""
+    from modules.shading import directional_light
+    direction = torch.tensor([[rng.uniform(-0.6, 0.6), rng.uniform(-0.1, 0.7), rng.uniform(0.6, 1.0)]])
+    light = directional_light(direction, intensity=rng.uniform(0.45, 0.65),
+                              ambient=rng.uniform(0.3, 0.45), colour=rng.uniform(0.92, 1.08, 3))
+    return light[0].numpy().astype(np.float64)
 
 
 # ============================================================================= scenes and motion
@@ -217,6 +121,7 @@ def blink_track(rng, frames, rate=0.05):
 
 def sample_background(rng, size):
     """A static procedural background (size x size x 3, [0, 1]): gradient plus soft shapes."""
+    from flame.open_head import mix_colour
     yy, xx = np.meshgrid(np.linspace(-1, 1, size), np.linspace(-1, 1, size), indexing="ij")
     c0, c1 = rng.uniform(0.1, 0.9, 3), rng.uniform(0.1, 0.9, 3)
     angle = rng.uniform(0, 2 * np.pi)
@@ -230,7 +135,7 @@ def sample_background(rng, size):
             aspect = rng.uniform(0.3, 2)
             d = np.maximum(np.abs(xx - centre[0]) / radius, np.abs(yy - centre[1]) / (radius * aspect))
         weight = smoothstep(1.0, 0.85, d) * rng.uniform(0.4, 0.9)
-        image = _mix(image, rng.uniform(0.05, 0.95, 3), weight)
+        image = mix_colour(image, rng.uniform(0.05, 0.95, 3), weight)
     return np.clip(image, 0, 1)
 
 
@@ -246,8 +151,6 @@ class TalkingHeadRenderer:
         self.flame = FLAME.open_head(n_shape, n_exp, cache_dir).eval()
         self.render_size = size * supersample
         self.renderer = Renderer(self.flame.faces, self.render_size)
-        self.face_uvs = self.flame.face_uvs()
-        self.painter = TexturePainter()
         # supersampled pixel centres average onto ours exactly when x is scaled by this factor
         self.ss_scale = supersample * (size - 1) / (supersample * size - 1)
 
@@ -255,14 +158,12 @@ class TalkingHeadRenderer:
         shape = np.zeros(self.n_shape)
         shape[:19] = np.clip(rng.normal(0, 0.9, 19), -2.5, 2.5)
         shape[19:] = np.clip(rng.normal(0, 0.6, self.n_shape - 19), -2, 2)
-        return {"shape": shape, "texture": self.painter.paint(rng),
+        from flame.open_head import ALBEDO_COMPONENTS
+        return {"shape": shape, "tex": sample_albedo_codes(rng, self.flame.n_tex, len(ALBEDO_COMPONENTS)),
                 "cloth": rng.uniform(0.05, 0.9, 3), "scale": rng.uniform(6.0, 7.0)}
 
     def sample_scene(self, rng):
-        light = np.array([rng.uniform(-0.6, 0.6), rng.uniform(-0.1, 0.7), rng.uniform(0.6, 1.0)])
-        return {"background": sample_background(rng, self.render_size),
-                "light": light / np.linalg.norm(light), "ambient": rng.uniform(0.35, 0.55),
-                "diffuse": rng.uniform(0.45, 0.7), "tint": rng.uniform(0.9, 1.1, 3)}
+        return {"background": sample_background(rng, self.render_size), "light": sample_light(rng)}
 
     @torch.no_grad()
     def render_clip(self, identity, motion, scene, chunk=32):
@@ -277,19 +178,21 @@ class TalkingHeadRenderer:
         return np.concatenate(frames), np.concatenate(landmarks), np.concatenate(masks)
 
     def _render(self, identity, part, scene):
+        """The head coloured with its albedo codes and the scene's SH light (modules.shading), so
+        the sidecar codes (shape, exp, pose, cam, tex, light) reproduce the face."""
         from modules.renderer import screen_vertices, vertex_normals, weak_perspective
+        from modules.shading import shade_vertices
         batch = part["pose"].shape[0]
         shape = torch.tensor(identity["shape"], dtype=torch.float32).expand(batch, -1)
         out = self.flame(shape=shape, exp=part["exp"], pose=part["pose"], eye_pose=part["eye_pose"])
         cam = part["cam"]
         cam_ss = cam * torch.tensor([self.ss_scale, 1.0, 1.0])
-        normals = vertex_normals(out.vertices, self.flame.faces)
+        tex = torch.tensor(identity["tex"], dtype=torch.float32).expand(batch, -1)
+        light = torch.tensor(scene["light"], dtype=torch.float32).expand(batch, -1)
+        colours = shade_vertices(self.flame.albedo(tex), vertex_normals(out.vertices, self.flame.faces),
+                                 light)
         fragments = self.renderer.rasterize(screen_vertices(out.vertices, cam_ss))
-        maps = self.renderer.interpolate(fragments, normals, self.face_uvs)
-        albedo = F.grid_sample(identity["texture"][None].expand(batch, -1, -1, -1),
-                               maps[:, 3:5].permute(0, 2, 3, 1), mode="bilinear",
-                               padding_mode="border", align_corners=False)
-        head = self._shade(albedo, maps[:, :3], scene)
+        head = self.renderer.interpolate(fragments, colours)
         image = self._composite(head, fragments.mask, out.joints, cam_ss, identity, scene)
         if self.supersample > 1:
             image = F.avg_pool2d(image, self.supersample)
@@ -299,17 +202,6 @@ class TalkingHeadRenderer:
         frames = (image.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).numpy()
         lm = (weak_perspective(out.landmarks, cam) + 1) * 0.5 * (self.size - 1)
         return frames, lm.numpy().astype(np.float32), mask[:, 0].numpy()
-
-    @staticmethod
-    def _shade(albedo, normal_map, scene):
-        n = normal_map / normal_map.norm(dim=1, keepdim=True).clamp_min(1e-6)
-        light = torch.tensor(scene["light"], dtype=n.dtype)[None, :, None, None]
-        half = light + torch.tensor([0.0, 0.0, 1.0])[None, :, None, None]
-        half = half / half.norm(dim=1, keepdim=True)
-        lambert = (n * light).sum(1, keepdim=True).clamp_min(0)
-        spec = 0.08 * (n * half).sum(1, keepdim=True).clamp_min(0) ** 16
-        tint = torch.tensor(scene["tint"], dtype=n.dtype)[None, :, None, None]
-        return albedo * (scene["ambient"] + scene["diffuse"] * lambert) * tint + spec
 
     def _composite(self, head, head_mask, joints, cam, identity, scene):
         """Background, then clothes (behind the head, so the neck and chin stay in front), then
@@ -365,7 +257,8 @@ def generate_dataset(out, size=64, train_videos=8, test_videos=2, frames=16, see
             identity, current = renderer.sample_identity(np.random.default_rng([seed, 7, ident])), ident
         rng = np.random.default_rng([seed, SPLIT_CODES[split], ident, video])
         motion = sample_motion(rng, frames, n_exp, identity["scale"])
-        clip, landmarks, _ = renderer.render_clip(identity, motion, renderer.sample_scene(rng))
+        scene = renderer.sample_scene(rng)
+        clip, landmarks, _ = renderer.render_clip(identity, motion, scene)
         stem = f"id{ident:05d}#vid{video:02d}#000"
         folder = os.path.join(out, split, stem)
         os.makedirs(folder, exist_ok=True)
@@ -375,7 +268,9 @@ def generate_dataset(out, size=64, train_videos=8, test_videos=2, frames=16, see
         np.savez(os.path.join(out, split, stem + ".flame.npz"),
                  shape=np.tile(identity["shape"], (frames, 1)).astype(np.float32),
                  exp=motion["exp"].astype(np.float32), pose=motion["pose"].astype(np.float32),
-                 cam=motion["cam"].astype(np.float32), eye_pose=motion["eye_pose"].astype(np.float32))
+                 cam=motion["cam"].astype(np.float32), eye_pose=motion["eye_pose"].astype(np.float32),
+                 tex=np.tile(identity["tex"], (frames, 1)).astype(np.float32),
+                 light=np.tile(scene["light"], (frames, 1)).astype(np.float32))
         bar.update(frames)
     bar.close()
     seconds = time.time() - start

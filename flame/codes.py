@@ -11,13 +11,21 @@ field         size   meaning
                      zero. A full 15-vector (global, neck, jaw, left eye, right eye) is
                      accepted too.
 ``cam``       3      c = (s, tx, ty), weak-perspective camera (see ``modules.renderer``)
-``tex``       opt.   texture coefficients, for models that have them
-``light``     opt.   lighting coefficients (e.g. 9 x 3 spherical harmonics), flattened
+``tex``       opt.   delta, albedo (texture basis) coefficients, for face models with an albedo
+                     basis (the open head: 50, BFM: 80; units of one standard deviation)
+``light``     opt.   gamma, spherical-harmonics lighting: 27 = 9 bands x RGB, stored B x 27
+                     band-major (``light.view(B, 9, 3)[:, band, channel]``); a B x 9 x 3 tensor
+                     is flattened on construction. Basis, constants and the B x 9 x 3 view
+                     (``light_bands``): ``modules.shading``.
 ============  =====  =====================================================================
 
 ``to_vector`` concatenates the fields in exactly the order of ``FIELD_ORDER`` (shape, exp, pose,
 cam, then tex and light when present); ``from_vector`` splits it back given the sizes. The default
-vector is SAFA's 159-vector: 100 + 50 + 6 + 3.
+vector is SAFA's 159-vector: 100 + 50 + 6 + 3; with appearance (seed 003's (alpha, beta, delta,
+gamma, p)) the texture and light follow it: 159 + n_tex + 27.
+
+The ``<stem>.flame.npz`` sidecars hold one T x n array per field (``to_numpy`` / ``from_numpy``);
+``tex`` and ``light`` are optional there too.
 """
 import dataclasses
 from dataclasses import dataclass
@@ -37,8 +45,12 @@ class FaceCodes:
     exp: torch.Tensor    # beta, B x n_exp
     pose: torch.Tensor   # theta, B x 6 (global, jaw) or B x 15 (global, neck, jaw, eye_l, eye_r)
     cam: torch.Tensor    # c = (s, tx, ty), B x 3
-    tex: Optional[torch.Tensor] = None
-    light: Optional[torch.Tensor] = None
+    tex: Optional[torch.Tensor] = None    # delta, B x n_tex
+    light: Optional[torch.Tensor] = None  # gamma, B x 27 (9 SH bands x RGB, band-major)
+
+    def __post_init__(self):
+        if self.light is not None and self.light.dim() > 2:      # B x 9 x 3 -> B x 27
+            self.light = self.light.reshape(self.light.shape[0], -1)
 
     # ------------------------------------------------------------------ structure
     def fields(self):
@@ -93,12 +105,15 @@ class FaceCodes:
 
     @classmethod
     def zeros(cls, batch_size, n_shape=100, n_exp=50, n_pose=6, scale=10.0, device=None,
-              dtype=torch.float32):
-        """Neutral codes: mean shape, no expression, frontal pose, camera (scale, 0, 0)."""
+              dtype=torch.float32, n_tex=0):
+        """Neutral codes: mean shape, no expression, frontal pose, camera (scale, 0, 0); with
+        ``n_tex`` > 0 also the mean albedo (zero ``tex``). For a neutral light see
+        ``modules.shading.neutral_light``."""
         z = lambda n: torch.zeros(batch_size, n, device=device, dtype=dtype)  # noqa: E731
         cam = z(3)
         cam[:, 0] = scale
-        return cls(shape=z(n_shape), exp=z(n_exp), pose=z(n_pose), cam=cam)
+        return cls(shape=z(n_shape), exp=z(n_exp), pose=z(n_pose), cam=cam,
+                   tex=z(n_tex) if n_tex else None)
 
     # ------------------------------------------------------------------ tensor-like
     def _map(self, fn):
@@ -139,11 +154,15 @@ class FaceCodes:
 
     @classmethod
     def from_numpy(cls, arrays, device=None, dtype=torch.float32):
+        """FaceCodes from a dict of arrays (an opened ``.flame.npz`` sidecar: T x n each, or one
+        frame of it: n each, which becomes a batch of 1); the optional ``tex`` and ``light`` are
+        taken when present, other keys (``eye_pose``) ignored."""
         names = [n for n in FIELD_ORDER if n in arrays]
         missing = [n for n in REQUIRED_FIELDS if n not in arrays]
         if missing:
             raise KeyError(f"3DMM code arrays lack {missing}")
-        return cls(**{n: torch.as_tensor(np.asarray(arrays[n]), dtype=dtype, device=device)
+        as_batch = lambda a: a[None] if a.ndim == 1 else a  # noqa: E731
+        return cls(**{n: torch.as_tensor(as_batch(np.asarray(arrays[n])), dtype=dtype, device=device)
                       for n in names})
 
 

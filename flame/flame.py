@@ -9,6 +9,9 @@ camera), +Y up, +Z out of the face towards the camera. Poses are axis-angle vect
 accepts SAFA's 6-d pose (global 3 + jaw 3; neck and eyes zero) or the full 15-d pose
 (global, neck, jaw, eye_l, eye_r).
 
+Appearance: ``albedo(tex)`` gives per-vertex colours when the asset folder has a per-vertex
+albedo model (``vertex_albedo.npz``; the open head has one, FLAME 2020 does not).
+
 Landmarks follow DECA: 68 iBUG points = 17 jaw-contour points chosen by the head's yaw from 79
 precomputed contours (yaw rounded to whole degrees and clamped to +-39 degrees) + 51 static points.
 """
@@ -109,6 +112,23 @@ def contour_yaw_degrees(index):
     return -float(a)
 
 
+def pad_code(codes, size, name):
+    """B x n codes zero-padded to B x size (n <= size); a longer code is an error naming it."""
+    if codes.shape[1] > size:
+        raise ValueError(f"{name} code has {codes.shape[1]} entries, the face model uses {size}")
+    if codes.shape[1] < size:
+        codes = torch.cat([codes, codes.new_zeros(codes.shape[0], size - codes.shape[1])], 1)
+    return codes
+
+
+def linear_albedo(mean, basis, tex):
+    """Per-vertex albedo ``clamp(mean + basis . tex, 0, 1)``: mean V x 3, basis V x 3 x n,
+    tex B x (<= n) (zero-padded) -> B x V x 3. Clamped so colours stay in [0, 1] (codes far
+    from the mean saturate, and get no gradient there)."""
+    tex = pad_code(tex.to(basis.dtype), basis.shape[-1], "tex")
+    return (mean + torch.einsum("bk,vck->bvc", tex, basis)).clamp(0.0, 1.0)
+
+
 def points_on_mesh(vertices, faces, face_idx, bary):
     """Barycentric points: vertices B x V x 3, faces F x 3, face_idx B x L, bary B x L x 3."""
     batch = vertices.shape[0]
@@ -126,7 +146,8 @@ class FLAME(nn.Module):
     """
 
     def __init__(self, model, landmark_embedding, n_shape=100, n_exp=50, template=None,
-                 face_mask=None, shape_components_in_file=SHAPE_COMPONENTS_IN_FILE):
+                 face_mask=None, shape_components_in_file=SHAPE_COMPONENTS_IN_FILE, albedo=None,
+                 n_tex=None, albedo_path=None):
         super().__init__()
         self.n_shape, self.n_exp = n_shape, n_exp
         f32 = lambda a: torch.as_tensor(np.asarray(a, dtype=np.float32))  # noqa: E731
@@ -153,22 +174,27 @@ class FLAME(nn.Module):
         self.parents = [int(p) for p in parents]
         self._register_landmarks(landmark_embedding)
         self._register_uv(template, face_mask)
+        self.albedo_path = albedo_path or loaders.ASSET_FILES["albedo"]   # named in errors
+        self._register_albedo(albedo, n_tex)
 
     # .................................................................. construction helpers
     @classmethod
-    def from_assets(cls, folder=None, n_shape=100, n_exp=50, **paths):
+    def from_assets(cls, folder=None, n_shape=100, n_exp=50, n_tex=None, **paths):
         """Real FLAME: ``folder`` holds generic_model.pkl, landmark_embedding.npy, head_template.obj,
-        uv_face_mask.png (DECA's data folder + FLAME 2020); single paths may be overridden with
-        model_path=, landmark_path=, template_path=, face_mask_path=."""
+        uv_face_mask.png (DECA's data folder + FLAME 2020) and optionally vertex_albedo.npz; single
+        paths may be overridden with model_path=, landmark_path=, template_path=,
+        face_mask_path=, albedo_path=. ``n_tex``: albedo components used (None: all in the file)."""
         assets = loaders.load_flame_assets(folder, **paths)
         return cls(assets["model"], assets["landmarks"], n_shape, n_exp, assets["template"],
-                   assets["face_mask"])
+                   assets["face_mask"], albedo=assets["albedo"], n_tex=n_tex,
+                   albedo_path=assets["paths"]["albedo"])
 
     @classmethod
-    def open_head(cls, n_shape=100, n_exp=50, cache_dir=None):
+    def open_head(cls, n_shape=100, n_exp=50, cache_dir=None, n_tex=None):
         """The open stand-in head model (generated and cached on first use)."""
         from flame.open_head import ensure_open_head
-        return cls.from_assets(ensure_open_head(cache_dir), n_shape=n_shape, n_exp=n_exp)
+        return cls.from_assets(ensure_open_head(cache_dir), n_shape=n_shape, n_exp=n_exp,
+                               n_tex=n_tex)
 
     def _register_landmarks(self, emb):
         long = lambda a: torch.as_tensor(np.asarray(a).astype(np.int64))  # noqa: E731
@@ -193,10 +219,41 @@ class FLAME(nn.Module):
         else:
             self.uv_face_mask = None
 
+    def _register_albedo(self, albedo, n_tex):
+        """Per-vertex albedo buffers (not saved in checkpoints: they come from the asset files)."""
+        if albedo is None:
+            if n_tex:
+                raise loaders.missing_albedo_error(self.albedo_path)
+            self.albedo_mean = self.albedo_basis = None
+            self.n_tex = 0
+            return
+        basis = np.asarray(albedo["basis"])
+        n_tex = basis.shape[-1] if n_tex is None else n_tex
+        if n_tex > basis.shape[-1]:
+            raise ValueError(f"the albedo model has {basis.shape[-1]} components; asked for "
+                             f"n_tex={n_tex}")
+        if basis.shape[0] != self.num_vertices:
+            raise ValueError(f"the albedo model has {basis.shape[0]} vertices, the mesh "
+                             f"{self.num_vertices}")
+        f32 = lambda a: torch.as_tensor(np.asarray(a, dtype=np.float32))  # noqa: E731
+        self.register_buffer("albedo_mean", f32(albedo["mean"]), persistent=False)      # V x 3
+        self.register_buffer("albedo_basis", f32(basis[..., :n_tex]), persistent=False)  # V x 3 x n
+        self.n_tex = n_tex
+
     # .................................................................. properties
     @property
     def num_vertices(self):
         return self.v_template.shape[0]
+
+    @property
+    def has_albedo(self):
+        return self.albedo_mean is not None
+
+    def albedo(self, tex):
+        """Per-vertex albedo B x V x 3 in [0, 1] (clamped) of texture codes delta, B x (<= n_tex)."""
+        if not self.has_albedo:
+            raise loaders.missing_albedo_error(self.albedo_path)
+        return linear_albedo(self.albedo_mean, self.albedo_basis, tex)
 
     def face_uvs(self):
         """F x 3 x 2 UV coordinates of each face corner in grid_sample convention ([-1, 1],
@@ -217,8 +274,8 @@ class FLAME(nn.Module):
         dtype = self.v_template.dtype
         theta = self._full_pose(pose.to(dtype), neck_pose, eye_pose).to(dtype)
         shape, exp = shape.to(dtype), exp.to(dtype)
-        betas = torch.cat([self._pad(shape, self.n_shape, "shape"),
-                           self._pad(exp, self.n_exp, "exp")], 1)
+        betas = torch.cat([pad_code(shape, self.n_shape, "shape"),
+                           pad_code(exp, self.n_exp, "exp")], 1)
         verts, joints = lbs(betas, theta, self.v_template, self.shapedirs, self.posedirs,
                             self.J_regressor, self.parents, self.lbs_weights)
         face_idx, bary = self._landmark_embedding(theta)
@@ -227,14 +284,6 @@ class FLAME(nn.Module):
         full = points_on_mesh(verts, self.faces, self.full_lmk_faces_idx.expand(batch, -1),
                               self.full_lmk_bary_coords.expand(batch, -1, -1))
         return FlameOutput(verts, landmarks, full, joints)
-
-    @staticmethod
-    def _pad(codes, size, name):
-        if codes.shape[1] > size:
-            raise ValueError(f"{name} code has {codes.shape[1]} entries, the decoder uses {size}")
-        if codes.shape[1] < size:
-            codes = torch.cat([codes, codes.new_zeros(codes.shape[0], size - codes.shape[1])], 1)
-        return codes
 
     @staticmethod
     def _full_pose(pose, neck_pose, eye_pose):

@@ -10,6 +10,9 @@ same files, see ``flame.open_head``):
 ``head_template.obj``      the FLAME mesh with its UV layout (vt / ft)
 ``uv_face_mask.png``       UV-space mask of the face, eyes and mouth excluded (SAFA sec. 3.2)
 ``uv_face_eye_mask.png``   UV-space mask of the face including the eyes (optional)
+``vertex_albedo.npz``      per-vertex albedo model (optional): ``mean`` V x 3 and ``basis``
+                           V x 3 x n_tex in linear RGB [0, 1], ``names`` (n_tex strings). The
+                           open head writes one; FLAME 2020 has none (see ``missing_albedo_error``)
 =========================  ================================================================
 
 The FLAME model needs a (free, non-commercial) registration at https://flame.is.tue.mpg.de; the
@@ -34,6 +37,7 @@ ASSET_FILES = {
     "template": "head_template.obj",
     "face_mask": "uv_face_mask.png",
     "face_eye_mask": "uv_face_eye_mask.png",
+    "albedo": "vertex_albedo.npz",
 }
 ASSET_DESCRIPTIONS = {
     "model": "the FLAME 2020 model (generic_model.pkl)",
@@ -41,6 +45,7 @@ ASSET_DESCRIPTIONS = {
     "template": "the FLAME head template with UVs (head_template.obj, from DECA)",
     "face_mask": "the UV face mask without eyes and mouth (uv_face_mask.png, from DECA)",
     "face_eye_mask": "the UV face mask with eyes (uv_face_eye_mask.png, from DECA)",
+    "albedo": "a per-vertex albedo model (vertex_albedo.npz: mean V x 3, basis V x 3 x n_tex)",
 }
 
 
@@ -387,6 +392,45 @@ def save_uv_mask(path, mask):
     os.replace(tmp, path)
 
 
+# ----------------------------------------------------------------------------- per-vertex albedo
+ALBEDO_KEYS = ("mean", "basis")
+
+
+def missing_albedo_error(path):
+    return FileNotFoundError(
+        f"{path}: no per-vertex albedo model. FLAME 2020 (generic_model.pkl) has no albedo; its "
+        f"texture spaces (FLAME_texture.npz from {FLAME_REGISTRATION}, or DECA's "
+        "FLAME_albedo_from_BFM.npz) are UV images, which this project does not read. Put a "
+        f"per-vertex model at that path ({ASSET_DESCRIPTIONS['albedo']}, colours in [0, 1], e.g. "
+        "a UV texture space sampled at the vertex UVs), or use the open head "
+        "(FLAME.open_head(), which has one) or the Basel Face Model (flame.bfm.BFM).")
+
+
+def load_vertex_albedo(path):
+    """``vertex_albedo.npz`` as dict(mean V x 3, basis V x 3 x n, names list) (no pickles)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise missing_albedo_error(path)
+    with np.load(path, allow_pickle=False) as data:
+        missing = [k for k in ALBEDO_KEYS if k not in data]
+        if missing:
+            raise ValueError(f"{path}: not a per-vertex albedo model, arrays {missing} are missing")
+        mean, basis = np.asarray(data["mean"]), np.asarray(data["basis"])
+        names = [str(n) for n in data["names"]] if "names" in data else []
+    if mean.ndim != 2 or mean.shape[1] != 3 or basis.shape[:2] != mean.shape or basis.ndim != 3:
+        raise ValueError(f"{path}: albedo mean must be V x 3 and basis V x 3 x n, got "
+                         f"{mean.shape} and {basis.shape}")
+    return {"mean": mean, "basis": basis, "names": names}
+
+
+def save_vertex_albedo(path, albedo):
+    tmp = f"{path}.tmp{os.getpid()}.npz"
+    np.savez(tmp, mean=np.asarray(albedo["mean"], np.float32),
+             basis=np.asarray(albedo["basis"], np.float32),
+             names=np.asarray(albedo.get("names", []), dtype=str))
+    os.replace(tmp, path)
+
+
 def asset_paths(folder, **overrides):
     """Paths of the asset files in ``folder`` (each may be overridden by a full path)."""
     paths = {k: os.path.join(os.fspath(folder), v) for k, v in ASSET_FILES.items()}
@@ -395,22 +439,24 @@ def asset_paths(folder, **overrides):
 
 
 def load_flame_assets(folder=None, model_path=None, landmark_path=None, template_path=None,
-                      face_mask_path=None):
+                      face_mask_path=None, albedo_path=None):
     """Everything the decoder and renderer need from one asset folder (or explicit paths).
 
-    Returns dict(model, landmarks, template (or None), face_mask (or None)). The model and the
-    landmark embedding are required; the template (UVs) and the face mask are needed only for
-    UV-space work (SAFA's face mask) and are returned as None when absent.
+    Returns dict(model, landmarks, template (or None), face_mask (or None), albedo (or None)).
+    The model and the landmark embedding are required; the template (UVs) and the face mask are
+    needed only for UV-space work (SAFA's face mask) and the per-vertex albedo only for shaded
+    renders; they are returned as None when absent.
     """
     if folder is None and model_path is None:
         raise ValueError("give the FLAME asset folder or the path of generic_model.pkl")
     base = folder if folder is not None else os.path.dirname(os.fspath(model_path))
     paths = asset_paths(base, model=model_path, landmarks=landmark_path, template=template_path,
-                        face_mask=face_mask_path)
+                        face_mask=face_mask_path, albedo=albedo_path)
     return {
         "model": load_flame_model(paths["model"]),
         "landmarks": load_landmark_embedding(paths["landmarks"]),
         "template": load_obj(paths["template"]) if os.path.isfile(paths["template"]) else None,
         "face_mask": load_uv_mask(paths["face_mask"]) if os.path.isfile(paths["face_mask"]) else None,
+        "albedo": load_vertex_albedo(paths["albedo"]) if os.path.isfile(paths["albedo"]) else None,
         "paths": paths,
     }

@@ -25,6 +25,10 @@ How it is built
 * 5 joints (global, neck, jaw, eye_l, eye_r) with a sparse joint regressor over rings of vertices,
   smooth skinning weights and jaw/neck pose correctives; 68 iBUG landmarks (51 static + 79
   yaw-dependent jaw contours of 17 points, DECA's format); UV face masks without / with the eyes.
+* A per-vertex albedo model (``vertex_albedo.npz``, which FLAME itself lacks): a mean colour
+  (skin, redder cheeks and lips, brows, hair, eyes, mouth) and 50 components of one standard
+  deviation each: skin lightness and warmth, cheek redness, lip colour, brow darkness, hair
+  lightness and redness, iris colour, beard shadow, then smooth random colour fields on the skin.
 
 Units are metres; +X is the subject's left, +Y up, +Z out of the face.
 
@@ -805,6 +809,143 @@ class OpenHeadBuilder:
                 "face_mask": face_mask, "face_eye_mask": face_eye_mask}
 
 
+# ============================================================================= albedo
+# Per-vertex albedo (diffuse colour, linear RGB in [0, 1]): a mean and a basis of V x 3 x N_TEX
+# colour offsets, one standard deviation each. Named components first, then smooth random colour
+# fields on the skin. Kept apart from the geometry: its own functions and its own file.
+N_TEX_FILE = 50
+SKIN_COLOUR = np.array([0.76, 0.57, 0.46])
+SKIN_DIRECTION = np.array([1.0, 0.8, 0.66])      # lighter / darker skin keeps its hue
+HAIR_COLOUR = np.array([0.24, 0.16, 0.10])
+SCLERA_COLOUR = np.array([0.93, 0.91, 0.88])
+IRIS_COLOUR = np.array([0.3, 0.25, 0.2])       # hazel: brown and blue eyes lie either side
+PUPIL_COLOUR = np.array([0.03, 0.03, 0.03])
+
+
+def hairline_theta(abs_phi):
+    """Latitude of the hairline around the head (high on the forehead, low behind the ears)."""
+    return np.interp(abs_phi, [0, 0.6, 1.1, 1.35, 1.55, 2.2, np.pi],
+                     [0.95, 0.89, 0.6, 0.12, 0.32, -0.55, -0.75])
+
+
+def albedo_weights(builder):
+    """Per-vertex weights in [0, 1] (arrays of length V) of the regions the albedo paints."""
+    t = builder.topo
+    n = t.n_vertices
+    phi, theta = t.skin_phi, t.skin_theta
+    a, m = np.abs(phi), np.radians(MOUTH_THETA_DEG)
+    skin = lambda values: np.concatenate([values, np.zeros(n - t.n_skin)])  # noqa: E731
+    hair = smoothstep(hairline_theta(a) - 0.02, hairline_theta(a) + 0.05, theta)
+    brows = builder.static_landmark_params()[22 - 17:27 - 17]     # left brow, inner to outer
+    centre = np.interp(a, [p[0] for p in brows], [p[1] for p in brows]) + 0.012
+    brow = (smoothstep(0.07, 0.03, np.abs(theta - centre)) * smoothstep(0.1, 0.16, a)
+            * smoothstep(0.86, 0.74, a))
+    across = np.sqrt(np.clip(1 - (phi / (MOUTH_PHI + 0.02)) ** 2, 0, 1))
+    # up to the outer lip landmarks (and a vertex beyond, so the rendered lips reach them)
+    upper = smoothstep(0.08 * across + 0.03, 0.08 * across + 0.015, theta - m) * (theta >= m)
+    lower = smoothstep(0.1 * across + 0.035, 0.1 * across + 0.02, m - theta) * (theta < m)
+    lips = np.clip(upper + lower, 0, 1) * (across > 0)
+    inside, rho = almond(phi, theta)
+    beard = (smoothstep(m + 0.12, m - 0.05, theta) * smoothstep(-1.15, -0.95, theta)
+             * smoothstep(1.25, 0.95, a) * (1 - lips))
+    weights = {
+        "skin": skin(1 - hair), "hair": skin(hair), "brow": skin(brow * (1 - hair)),
+        "lips": skin(lips), "cheeks": skin(gauss(a, theta, 0.55, -0.15, 0.2, 0.18)),
+        "ears": skin(gauss(a, theta, 1.62, 0.05, 0.1, 0.2)), "eye_corner": skin(inside),
+        "lid": skin(smoothstep(1.8, 1.1, rho) * (theta > EYE_THETA) * (1 - inside)),
+        "beard": skin(beard * (1 - hair)), "neck": skin(smoothstep(-1.0, -1.3, theta)),
+    }
+    eye_polar = np.degrees(np.arccos(np.clip(t.eye_dirs[:, 2], -1, 1)))   # 0 at the pupil
+    for name, values in (("pupil", (eye_polar < 6).astype(float)),
+                         ("iris", ((eye_polar >= 6) & (eye_polar < 30)).astype(float))):
+        weights[name] = np.zeros(n)
+        for start, stop in t.eye_ranges:
+            weights[name][start:stop] = values
+    weights["sclera"] = np.zeros(n)
+    for start, stop in t.eye_ranges:
+        weights["sclera"][start:stop] = 1 - weights["pupil"][start:stop] - weights["iris"][start:stop]
+    start, stop = t.cavity_range
+    alpha, beta = t.cavity_ab[:, 0], t.cavity_ab[:, 1]
+    depth = beta / beta.max()                                   # 0 at the back, 1 at the rim
+    weights["cavity"] = np.zeros(n)
+    weights["cavity"][start:stop] = 1.0
+    weights["cavity_depth"] = np.zeros(n)
+    weights["cavity_depth"][start:stop] = depth
+    weights["tongue"] = np.zeros(n)
+    weights["tongue"][start:stop] = smoothstep(0.75, 0.55, depth) * smoothstep(-0.2, -0.6, np.sin(alpha))
+    weights["teeth"] = np.zeros(n)
+    weights["teeth"][start:stop] = smoothstep(0.72, 0.8, depth) * smoothstep(0.35, 0.6, np.abs(np.sin(alpha)))
+    return weights
+
+
+def mix_colour(base, colour, weight):
+    """``base`` (... x 3) blended towards ``colour`` by ``weight`` (...)."""
+    return base * (1 - weight[..., None]) + np.asarray(colour) * weight[..., None]
+
+
+def albedo_mean(w):
+    """V x 3 mean albedo: skin with redder cheeks and ears, lips, brows, hair, eyes, mouth."""
+    skin = SKIN_COLOUR
+    colour = np.tile(skin, (len(w["skin"]), 1))
+    colour = mix_colour(colour, skin * [1.02, 0.84, 0.82], 0.35 * w["cheeks"])
+    colour = mix_colour(colour, skin * [1.0, 0.8, 0.78], 0.4 * w["ears"])
+    colour = mix_colour(colour, skin * [0.9, 0.56, 0.54], w["lips"])
+    colour = mix_colour(colour, skin * [0.6, 0.35, 0.35], w["eye_corner"])
+    colour = colour * (1 - 0.12 * w["lid"] - 0.1 * w["neck"])[:, None]
+    colour = mix_colour(colour, HAIR_COLOUR * 0.8 + skin * 0.1, 0.95 * w["brow"])
+    colour = mix_colour(colour, HAIR_COLOUR, w["hair"])
+    colour = mix_colour(colour, SCLERA_COLOUR, w["sclera"])
+    colour = mix_colour(colour, IRIS_COLOUR, w["iris"])
+    colour = mix_colour(colour, PUPIL_COLOUR, w["pupil"])
+    mouth = np.array([0.3, 0.06, 0.07]) * (0.45 + 0.55 * w["cavity_depth"])[:, None]
+    mouth = mix_colour(mix_colour(mouth, [0.62, 0.3, 0.32], 0.8 * w["tongue"]), [0.92, 0.9, 0.82], w["teeth"])
+    return mix_colour(colour, 0, w["cavity"]) + mouth * w["cavity"][:, None]
+
+
+ALBEDO_COMPONENTS = (  # (name, RGB offset of one standard deviation, region weights)
+    ("skin_lightness", 0.11 * SKIN_DIRECTION, lambda w: w["skin"] * (1 - 0.6 * w["brow"])),
+    ("skin_warmth", 0.03 * np.array([0.3, 0.2, -1.0]), lambda w: w["skin"]),
+    ("cheek_redness", 0.06 * np.array([0.2, -0.7, -0.6]), lambda w: w["cheeks"] + 0.5 * w["ears"]),
+    ("lip_colour", 0.07 * np.array([0.1, -0.8, -0.6]), lambda w: w["lips"]),
+    ("brow_darkness", -0.08 * np.ones(3), lambda w: w["brow"]),
+    ("hair_lightness", 0.15 * np.array([1.0, 0.85, 0.6]), lambda w: w["hair"] + 0.5 * w["brow"]),
+    ("hair_redness", 0.08 * np.array([1.0, 0.1, -0.5]), lambda w: w["hair"] + 0.3 * w["brow"]),
+    ("iris_colour", np.array([-0.08, 0.02, 0.12]), lambda w: w["iris"]),         # + blue, - brown
+    ("beard_shadow", -0.06 * np.array([1.0, 1.0, 1.1]), lambda w: w["beard"]),
+)
+
+
+def albedo_basis(builder, w, n=N_TEX_FILE, seed=SEED + 2):
+    """V x 3 x n: the named components, then smooth random colour fields on the skin (mirrored
+    pairs of blobs in (phi, theta), smaller and fainter with the index)."""
+    comps = [weight_fn(w)[:, None] * np.asarray(rgb)[None] for _, rgb, weight_fn in ALBEDO_COMPONENTS]
+    t = builder.topo
+    phi, theta = t.skin_phi, t.skin_theta
+    front = np.exp(-0.5 * (phi / 0.9) ** 2) * (theta > -1.1)            # mostly on the face
+    rng = np.random.default_rng(seed)
+    while len(comps) < n:
+        k = len(comps)
+        sigma, amp = 0.3 * 0.97 ** k, 0.02 * 0.97 ** k
+        field = np.zeros((len(w["skin"]), 3))
+        for _ in range(3):
+            pick = rng.choice(t.n_skin, p=front / front.sum())
+            bump = _pair(phi, theta, abs(phi[pick]), theta[pick], sigma, sigma, odd=bool(k % 2))
+            field[: t.n_skin] += bump[:, None] * (rng.normal(size=3) * 0.15 + 1.0) * rng.normal()
+        comps.append(amp * field * w["skin"][:, None] / max(np.abs(field).max(), 1e-9))
+    return np.stack(comps[:n], axis=-1)
+
+
+def albedo_names(n=N_TEX_FILE):
+    return [name for name, _, _ in ALBEDO_COMPONENTS] + [
+        f"skin_field_{k}" for k in range(n - len(ALBEDO_COMPONENTS))]
+
+
+def build_albedo(builder):
+    """The open head's per-vertex albedo model: dict(mean V x 3, basis V x 3 x n, names)."""
+    w = albedo_weights(builder)
+    return {"mean": albedo_mean(w), "basis": albedo_basis(builder, w), "names": albedo_names()}
+
+
 # ============================================================================= cache on disk
 def default_cache_dir():
     """``$FACE_ANIMATION_CACHE`` or ``~/.cache/face_animation``."""
@@ -820,7 +961,8 @@ def generator_fingerprint():
 
 def write_open_head(folder):
     """Generate the open head and write it to ``folder`` in the FLAME/DECA file layout."""
-    built = OpenHeadBuilder().build()
+    builder = OpenHeadBuilder()
+    built = builder.build()
     os.makedirs(folder, exist_ok=True)
     files = loaders.ASSET_FILES
     loaders.save_flame_model(os.path.join(folder, files["model"]), built["model"])
@@ -829,11 +971,14 @@ def write_open_head(folder):
     loaders.save_obj(os.path.join(folder, files["template"]), tpl["v"], tpl["f"], tpl["vt"], tpl["ft"])
     loaders.save_uv_mask(os.path.join(folder, files["face_mask"]), built["face_mask"])
     loaders.save_uv_mask(os.path.join(folder, files["face_eye_mask"]), built["face_eye_mask"])
+    albedo = build_albedo(builder)
+    loaders.save_vertex_albedo(os.path.join(folder, files["albedo"]), albedo)
     manifest = {"name": "open_head", "version": VERSION, "generator": generator_fingerprint(),
                 "vertices": int(len(tpl["v"])),
                 "faces": int(len(tpl["f"])), "shape_components": N_SHAPE_FILE,
                 "expression_components": N_EXP_FILE, "expression_names": list(EXPRESSION_NAMES),
-                "shape_names": [n for n, _ in SHAPE_COMPONENTS] + list(FIELD_COMPONENTS)}
+                "shape_names": [n for n, _ in SHAPE_COMPONENTS] + list(FIELD_COMPONENTS),
+                "albedo_components": N_TEX_FILE, "albedo_names": albedo["names"]}
     with open(os.path.join(folder, "manifest.json"), "w") as f:
         json.dump(manifest, f, indent=1)
     return folder

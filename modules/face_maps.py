@@ -36,6 +36,26 @@ def sample_at_points(image, points):
     return sampled[..., 0].permute(0, 2, 1)
 
 
+def render_face_region(renderer, vertices, cam, attributes, face_uvs=None, uv_face_mask=None,
+                       image_size=None, threshold=0.5):
+    """Rasterize a posed mesh once and interpolate per-vertex ``attributes`` (B x V x D).
+
+    Returns (maps B x D x H x W, face-region mask B x 1 x H x W in {0, 1}, fragments). The face
+    region is the UV face mask (``uv_face_mask``, 1 x 1 x h x w, sampled at the rendered UV
+    coordinates ``face_uvs``, F x 3 x 2) times visibility, thresholded; without UVs or without a
+    mask it is the whole visible mesh.
+    """
+    fragments = renderer.rasterize(screen_vertices(vertices, cam), image_size)
+    if face_uvs is None or uv_face_mask is None:
+        return renderer.interpolate(fragments, attributes), fragments.mask, fragments
+    maps = renderer.interpolate(fragments, attributes, face_uvs)
+    uv = maps[:, -2:].permute(0, 2, 3, 1)
+    mask = F.grid_sample(uv_face_mask.expand(uv.shape[0], -1, -1, -1).to(uv.dtype), uv,
+                         mode="bilinear", padding_mode="zeros", align_corners=False)
+    mask = (mask * fragments.mask > threshold).to(maps.dtype)
+    return maps[:, :-2], mask, fragments
+
+
 class FaceMaps(nn.Module):
     """``FaceMaps(flame, image_size)(source_image, source_codes, driving_codes) -> dict``.
 
@@ -72,15 +92,9 @@ class FaceMaps(nn.Module):
 
     def render(self, vertices, cam, attributes):
         """Rasterize once; returns (attribute maps B x D x H x W, face mask B x 1 x H x W)."""
-        fragments = self.renderer.rasterize(screen_vertices(vertices, cam), self._size())
-        maps = self.renderer.interpolate(fragments, attributes, self.face_uvs)
-        if self.face_uvs is None:                      # no UVs: the whole visible mesh is "face"
-            return maps, fragments.mask
-        uv = maps[:, -2:].permute(0, 2, 3, 1)
-        mask = F.grid_sample(self.uv_face_mask.expand(uv.shape[0], -1, -1, -1).to(uv.dtype), uv,
-                             mode="bilinear", padding_mode="zeros", align_corners=False)
-        mask = (mask * fragments.mask > self.mask_threshold).to(maps.dtype)
-        return maps[:, :-2], mask
+        maps, mask, _ = render_face_region(self.renderer, vertices, cam, attributes, self.face_uvs,
+                                           self.uv_face_mask, self._size(), self.mask_threshold)
+        return maps, mask
 
     def forward(self, source_image, source_codes: FaceCodes, driving_codes: FaceCodes,
                 driving_reference: FaceCodes = None):

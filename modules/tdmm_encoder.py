@@ -7,6 +7,13 @@ pool (1280) -> dropout 0.2 -> one linear layer to ``n_shape + n_exp + n_pose + 3
 c = (s, tx, ty): the scale output gets an offset of +10 and the translations go through
 ``sigmoid - 0.5``, so a fresh encoder predicts the mean face, frontal, at scale 10 and centred.
 
+Appearance (seed 003's delta and gamma), optional: ``n_tex`` texture coefficients and
+``n_light`` = 27 spherical-harmonics light coefficients are extra head rows AFTER the 159, so the
+geometry rows keep their layout and a checkpoint of a geometry-only encoder (n_tex = n_light = 0)
+has exactly the same head. The light output is an offset from ``modules.shading.neutral_light``
+(ambient white of irradiance 1): with the zero-initialized head the first render is the mean
+albedo itself.
+
 Inputs are images in [0, 1]; the ImageNet mean/std normalization the backbone was trained with
 is applied inside (``imagenet_normalize=False`` feeds the images as they are, as the SAFA
 authors' code does).
@@ -35,6 +42,7 @@ from torch import nn
 from torchvision.models import MobileNet_V2_Weights, mobilenet_v2
 
 from flame.codes import FaceCodes
+from modules.shading import LIGHT_DIM, neutral_light
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -114,7 +122,8 @@ def build_backbone(imagenet, weights_path, allow_random_init):
 class EncodedFace(NamedTuple):
     """What the 3DMM encoder returns.
 
-    codes:   FaceCodes: shape B x n_shape, exp B x n_exp, pose B x n_pose, cam B x 3 (s, tx, ty)
+    codes:   FaceCodes: shape B x n_shape, exp B x n_exp, pose B x n_pose, cam B x 3 (s, tx, ty),
+             and tex B x n_tex, light B x 27 when the encoder regresses them
     feature: B x 1280 pooled MobileNetV2 feature (GADE's alternative condition)
     """
     codes: FaceCodes
@@ -127,6 +136,8 @@ class TDMMEncoder(nn.Module):
 
     Args:
         n_shape, n_exp, n_pose: code sizes (SAFA: 100, 50, 6).
+        n_tex: texture (albedo) coefficients to regress (0: none; the open head has 50, BFM 80).
+        n_light: 0 or 27 (9 SH bands x RGB) lighting coefficients.
         dropout: dropout before the linear head (0.2).
         initial_scale: offset added to the scale output (10).
         imagenet: start the backbone from ImageNet weights (True).
@@ -143,9 +154,13 @@ class TDMMEncoder(nn.Module):
 
     def __init__(self, n_shape=100, n_exp=50, n_pose=6, dropout=0.2, initial_scale=10.0,
                  imagenet=True, weights_path=None, allow_random_init=False,
-                 imagenet_normalize=True, freeze_bn_stats=False):
+                 imagenet_normalize=True, freeze_bn_stats=False, n_tex=0, n_light=0):
         super().__init__()
+        if n_light not in (0, LIGHT_DIM):
+            raise ValueError(f"n_light must be 0 (no lighting) or {LIGHT_DIM} (9 SH bands x RGB), "
+                             f"got {n_light}")
         self.sizes = {"shape": n_shape, "exp": n_exp, "pose": n_pose, "cam": CAMERA_DIM}
+        self.sizes.update({name: n for name, n in (("tex", n_tex), ("light", n_light)) if n})
         self.initial_scale = float(initial_scale)
         self.imagenet_normalize = imagenet_normalize
         self.freeze_bn_stats = freeze_bn_stats
@@ -159,6 +174,7 @@ class TDMMEncoder(nn.Module):
                              persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1),
                              persistent=False)
+        self.register_buffer("initial_light", neutral_light(1), persistent=False)  # gamma offset
         self.train()  # a new module is in training mode: apply freeze_bn_stats from the start
 
     @property
@@ -178,12 +194,16 @@ class TDMMEncoder(nn.Module):
         return F.adaptive_avg_pool2d(self.backbone(images), 1).flatten(1)
 
     def split_codes(self, outputs):
-        """Head outputs ``B x code_dim`` -> codes, with the camera's offset and squashing."""
-        shape, exp, pose, cam = torch.split(outputs, list(self.sizes.values()), dim=1)
+        """Head outputs ``B x code_dim`` -> codes, with the camera's offset and squashing and the
+        light's neutral offset."""
+        parts = dict(zip(self.sizes, torch.split(outputs, list(self.sizes.values()), dim=1)))
+        cam = parts["cam"]
         scale = cam[:, :1] + self.initial_scale                      # s, starts at 10
         translation = torch.sigmoid(cam[:, 1:]) - 0.5                # t in (-0.5, 0.5)
-        cam = torch.cat([scale, translation], dim=1)
-        return FaceCodes(shape=shape, exp=exp, pose=pose, cam=cam)
+        parts["cam"] = torch.cat([scale, translation], dim=1)
+        if "light" in parts:                                         # gamma, starts ambient white
+            parts["light"] = parts["light"] + self.initial_light.to(outputs.dtype)
+        return FaceCodes(**parts)
 
     def forward(self, images):
         feature = self.features(images)

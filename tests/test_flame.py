@@ -306,3 +306,76 @@ def test_faces_point_outwards_and_contour_follows_yaw(flame):
     for k in range(10, 15):
         row = verts[(verts[:, 1] - lm[k, 1]).abs() < 0.004]
         assert 0 <= row[:, 0].max() - lm[k, 0] < 0.015
+
+
+# ----------------------------------------------------------------------------- appearance
+def test_face_codes_carry_texture_and_light():
+    bands = torch.randn(2, 9, 3)
+    c = codes(2, seed=9).replace(tex=torch.randn(2, 50), light=bands)
+    assert c.light.shape == (2, 27) and torch.equal(bands[:, 4], c.light[:, 12:15])   # band-major
+    assert c.sizes == {"shape": 100, "exp": 50, "pose": 6, "cam": 3, "tex": 50, "light": 27}
+    back = FaceCodes.from_vector(c.to_vector(), n_tex=50, n_light=27)
+    assert torch.equal(back.tex, c.tex) and torch.equal(back.light, c.light)
+    arrays = c.to_numpy()                                     # the .flame.npz sidecar layout
+    assert arrays["tex"].shape == (2, 50) and arrays["light"].shape == (2, 27)
+    arrays["eye_pose"] = np.zeros((2, 6), np.float32)         # other sidecar arrays: ignored
+    again = FaceCodes.from_numpy(arrays)
+    assert torch.allclose(again.light, c.light) and torch.allclose(again.tex, c.tex)
+    one_frame = FaceCodes.from_numpy({k: v[1] for k, v in arrays.items()})
+    assert one_frame.batch_size == 1 and torch.allclose(one_frame.light, c.light[1:])
+    assert torch.equal(c[1].light, c.light[1:]) and FaceCodes.cat([c, c]).tex.shape == (4, 50)
+    assert FaceCodes.zeros(3, n_tex=50).tex.abs().sum() == 0 and FaceCodes.zeros(1).tex is None
+
+
+def _nearest_vertices(flame, points):
+    return torch.cdist(points, flame.v_template).argmin(-1)
+
+
+def test_open_head_albedo_paints_the_right_places(flame, head_dir):
+    from flame.open_head import ALBEDO_COMPONENTS, N_TEX_FILE, Topology
+    stored = loaders.load_vertex_albedo(os.path.join(head_dir, "vertex_albedo.npz"))
+    assert stored["basis"].shape == (flame.num_vertices, 3, N_TEX_FILE) and flame.n_tex == N_TEX_FILE
+    assert stored["names"][:len(ALBEDO_COMPONENTS)] == [name for name, _, _ in ALBEDO_COMPONENTS]
+    lm = _neutral(flame).landmarks[0]
+    at = lambda colours, idx: colours[_nearest_vertices(flame, lm[idx])]  # noqa: E731
+    names = [name for name, _, _ in ALBEDO_COMPONENTS]
+    mean = flame.albedo(torch.zeros(1, N_TEX_FILE))[0]
+    nose, lips, brows = list(range(27, 36)), list(range(48, 60)), list(range(17, 27))
+    redness = lambda c: (c[:, 0] / c[:, 1]).mean()  # noqa: E731
+    assert redness(at(mean, lips)) > redness(at(mean, nose)) + 0.15          # red lips
+    assert at(mean, brows).sum(-1).mean() < at(mean, nose).sum(-1).mean() - 0.5   # dark brows
+    eyes = torch.zeros(flame.num_vertices, dtype=torch.bool)
+    for start, stop in Topology().eye_ranges:
+        eyes[start:stop] = True
+    for name, region, unaffected in (("skin_lightness", nose, None), ("lip_colour", lips, nose),
+                                     ("iris_colour", None, nose + lips + brows)):
+        tex = torch.zeros(1, N_TEX_FILE)
+        tex[0, names.index(name)] = 1.0
+        change = (flame.albedo(tex)[0] - mean).abs().sum(-1)
+        if region is not None:
+            assert change[_nearest_vertices(flame, lm[region])].mean() > 0.04, name
+        if unaffected is not None:
+            assert change[_nearest_vertices(flame, lm[unaffected])].max() < 1e-6, name
+        if name == "iris_colour":
+            assert change[eyes].max() > 0.1 and change[~eyes].max() < 1e-6
+        if name == "skin_lightness":
+            assert change[eyes].max() < 1e-6
+    far = flame.albedo(torch.full((2, N_TEX_FILE), 3.0) * torch.tensor([[1.0], [-1.0]]))
+    assert far.min() >= 0 and far.max() <= 1                                 # clamped to [0, 1]
+
+
+def test_flame_without_albedo_names_the_file_it_needs(tmp_path, head_dir):
+    import shutil
+    for name in ("generic_model.pkl", "landmark_embedding.npy"):
+        shutil.copy(os.path.join(head_dir, name), tmp_path / name)
+    plain = FLAME.from_assets(tmp_path)
+    assert not plain.has_albedo and plain.n_tex == 0
+    with pytest.raises(FileNotFoundError) as err:
+        plain.albedo(torch.zeros(1, 10))
+    message = str(err.value)
+    assert str(tmp_path / "vertex_albedo.npz") in message and "FLAME_texture.npz" in message
+    with pytest.raises(FileNotFoundError, match="vertex_albedo.npz"):
+        FLAME.from_assets(tmp_path, n_tex=10)
+    with pytest.raises(ValueError, match="n_tex=51"):
+        FLAME.from_assets(head_dir, n_tex=51)
+    assert FLAME.from_assets(head_dir, n_tex=10).albedo_basis.shape[-1] == 10
