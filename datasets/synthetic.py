@@ -10,7 +10,11 @@ end to end on a fresh machine.
 Layout (FOMM frame folders; identities are disjoint between the splits)::
 
     <out>/train/id00003#vid01#000/0000000.png ...
-    <out>/train/id00003#vid01#000.landmarks.npy   float32 T x 68 x 2, pixel-index (x, y)
+    <out>/train/id00003#vid01#000.landmarks.npy   float32 T x 74 x 2, pixel-index (x, y): the 68
+                                                  iBUG points, 4 lid midpoints, 2 pupils
+                                                  (modules/landmark_layout.py)
+    <out>/train/id00003#vid01#000.parsing.npy     uint8 T x H x W face-parsing labels
+                                                  (modules/face_parsing.py)
     <out>/train/id00003#vid01#000.flame.npz       float32 shape (T, n_shape), exp (T, n_exp),
                                                   pose (T, 6) global + jaw, cam (T, 3) s, tx, ty,
                                                   eye_pose (T, 6) left + right eye (gaze)
@@ -41,6 +45,7 @@ MANIFEST = "synthetic_manifest.json"
 DEFAULTS = {"size": 64, "train_videos": 8, "test_videos": 2, "frames": 16, "seed": 0,
             "videos_per_identity": 2, "supersample": 1, "n_shape": 100, "n_exp": 50}
 SPLIT_CODES = {"train": 1, "test": 2}
+SIDECAR_FORMAT = 2   # 2: 74-point landmarks and parsing maps (1: 68 points, no parsing maps)
 TEXTURE_SIZE = 256
 
 SKIN_TONES = np.array([[0.96, 0.80, 0.69], [0.90, 0.72, 0.60], [0.80, 0.60, 0.46],
@@ -83,19 +88,25 @@ class TexturePainter:
         self.brow_theta = np.array([p[1] for p in brows])
 
     def paint(self, rng):
+        return self.paint_regions(rng)[0]
+
+    def paint_regions(self, rng):
+        """(texture 3 x S x S, {'hair_front': the hairline latitude drawn}); the parsing labels
+        use the hairline so their hair region is the painted one."""
         lay = self.layout
         phi, theta = np.nan_to_num(lay["phi"]), np.nan_to_num(lay["theta"], nan=-3.0)
         skin_tone = SKIN_TONES[rng.integers(len(SKIN_TONES))] * rng.uniform(0.92, 1.06, 3)
         hair = HAIR_COLOURS[rng.integers(len(HAIR_COLOURS))] * rng.uniform(0.85, 1.15, 3)
         tex = self._skin(rng, phi, theta, skin_tone)
         tex = self._face_details(rng, tex, phi, theta, skin_tone, hair)
-        tex = self._hair(rng, tex, phi, theta, hair)
+        tex, hair_front = self._hair(rng, tex, phi, theta, hair)
         tex = self._eyes(rng, tex)
         tex = self._mouth(tex)
         skin_region = ~np.isnan(lay["theta"])
         eye_or_mouth = ~np.isnan(lay["eye_r"]) | ~np.isnan(lay["cavity_r"])
         tex[~skin_region & ~eye_or_mouth] = skin_tone * 0.8
-        return torch.tensor(np.clip(tex, 0, 1), dtype=torch.float32).permute(2, 0, 1)
+        texture = torch.tensor(np.clip(tex, 0, 1), dtype=torch.float32).permute(2, 0, 1)
+        return texture, {"hair_front": hair_front}
 
     def _skin(self, rng, phi, theta, tone):
         shade = 1 + 0.05 * _low_frequency(rng, phi, theta) + 0.015 * rng.normal(size=phi.shape)
@@ -132,12 +143,11 @@ class TexturePainter:
     def _hair(self, rng, tex, phi, theta, hair):
         a = np.abs(phi)
         front = rng.uniform(0.85, 1.05) if rng.uniform() > 0.1 else 1.35
-        line = np.interp(a, [0, 0.6, 1.1, 1.35, 1.55, 2.2, np.pi],
-                         [front, front - 0.06, 0.6, 0.12, 0.32, -0.55, -0.75])
+        line = self.oh.hairline_theta(a, front)
         weight = smoothstep(line - 0.02, line + 0.04, theta)
         strands = (1 + 0.12 * np.sin(70 * phi + 4 * np.sin(3 * theta))
                    + 0.06 * rng.normal(size=phi.shape))
-        return _mix(tex, 0, weight) + weight[..., None] * hair * strands[..., None]
+        return _mix(tex, 0, weight) + weight[..., None] * hair * strands[..., None], front
 
     def _eyes(self, rng, tex):
         lay = self.layout
@@ -240,6 +250,7 @@ class TalkingHeadRenderer:
 
     def __init__(self, size=64, supersample=1, n_shape=100, n_exp=50, cache_dir=None):
         from flame.flame import FLAME
+        from flame.open_head import OpenHeadBuilder
         from modules.renderer import Renderer
         self.size, self.supersample = size, supersample
         self.n_shape, self.n_exp = n_shape, n_exp
@@ -248,6 +259,10 @@ class TalkingHeadRenderer:
         self.renderer = Renderer(self.flame.faces, self.render_size)
         self.face_uvs = self.flame.face_uvs()
         self.painter = TexturePainter()
+        self.head_builder = OpenHeadBuilder()
+        lid_faces, lid_bary = self.head_builder.extra_landmark_embedding()
+        self.lid_faces, self.lid_bary = torch.tensor(lid_faces), torch.tensor(lid_bary, dtype=torch.float32)
+        self.pupil_ids = torch.tensor(self.head_builder.pupil_vertex_ids())
         # supersampled pixel centres average onto ours exactly when x is scaled by this factor
         self.ss_scale = supersample * (size - 1) / (supersample * size - 1)
 
@@ -255,7 +270,9 @@ class TalkingHeadRenderer:
         shape = np.zeros(self.n_shape)
         shape[:19] = np.clip(rng.normal(0, 0.9, 19), -2.5, 2.5)
         shape[19:] = np.clip(rng.normal(0, 0.6, self.n_shape - 19), -2, 2)
-        return {"shape": shape, "texture": self.painter.paint(rng),
+        texture, regions = self.painter.paint_regions(rng)
+        labels = self.head_builder.face_region_labels(regions["hair_front"])
+        return {"shape": shape, "texture": texture, "face_labels": torch.tensor(labels.astype(np.int64)),
                 "cloth": rng.uniform(0.05, 0.9, 3), "scale": rng.uniform(6.0, 7.0)}
 
     def sample_scene(self, rng):
@@ -266,15 +283,16 @@ class TalkingHeadRenderer:
 
     @torch.no_grad()
     def render_clip(self, identity, motion, scene, chunk=32):
-        """Frames (T x H x W x 3 uint8), landmarks (T x 68 x 2 pixels), head masks (T x H x W)."""
-        frames, landmarks, masks = [], [], []
+        """Frames (T x H x W x 3 uint8), landmarks (T x 74 x 2 pixels, the layout of
+        ``modules/landmark_layout.py``), head masks (T x H x W) and parsing maps (T x H x W
+        uint8, the ids of ``modules/face_parsing.py``)."""
+        outputs = []
         total = len(motion["pose"])
         for start in range(0, total, chunk):
             part = {k: torch.tensor(v[start:start + chunk], dtype=torch.float32)
                     for k, v in motion.items()}
-            f, lm, m = self._render(identity, part, scene)
-            frames.append(f), landmarks.append(lm), masks.append(m)
-        return np.concatenate(frames), np.concatenate(landmarks), np.concatenate(masks)
+            outputs.append(self._render(identity, part, scene))
+        return tuple(np.concatenate(parts) for parts in zip(*outputs))
 
     def _render(self, identity, part, scene):
         from modules.renderer import screen_vertices, vertex_normals, weak_perspective
@@ -291,14 +309,33 @@ class TalkingHeadRenderer:
                                padding_mode="border", align_corners=False)
         head = self._shade(albedo, maps[:, :3], scene)
         image = self._composite(head, fragments.mask, out.joints, cam_ss, identity, scene)
+        parsing = self._parsing(fragments.pix_to_face, identity["face_labels"])
         if self.supersample > 1:
             image = F.avg_pool2d(image, self.supersample)
             mask = F.avg_pool2d(fragments.mask, self.supersample)
         else:
             mask = fragments.mask
         frames = (image.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).numpy()
-        lm = (weak_perspective(out.landmarks, cam) + 1) * 0.5 * (self.size - 1)
-        return frames, lm.numpy().astype(np.float32), mask[:, 0].numpy()
+        lm = (weak_perspective(self._landmarks74(out), cam) + 1) * 0.5 * (self.size - 1)
+        return frames, lm.numpy().astype(np.float32), mask[:, 0].numpy(), parsing
+
+    def _landmarks74(self, out):
+        """The 68 FLAME landmarks, the four lid midpoints on the mesh and the two pupils (the
+        eyeballs' front poles): B x 74 x 3."""
+        from flame.flame import points_on_mesh
+        batch = out.vertices.shape[0]
+        lids = points_on_mesh(out.vertices, self.flame.faces, self.lid_faces.expand(batch, -1),
+                              self.lid_bary.expand(batch, -1, -1))
+        return torch.cat([out.landmarks, lids, out.vertices[:, self.pupil_ids]], dim=1)
+
+    def _parsing(self, pix_to_face, face_labels):
+        """B x H x W uint8 labels: each pixel takes the label of the face it shows (background
+        and clothes: 0); supersampled pixels take the most frequent label of their block."""
+        labels = torch.where(pix_to_face >= 0, face_labels[pix_to_face.clamp_min(0)], 0)
+        if self.supersample > 1:
+            votes = F.one_hot(labels, int(face_labels.max()) + 1).permute(0, 3, 1, 2).float()
+            labels = F.avg_pool2d(votes, self.supersample).argmax(1)
+        return labels.to(torch.uint8).numpy()
 
     @staticmethod
     def _shade(albedo, normal_map, scene):
@@ -365,13 +402,15 @@ def generate_dataset(out, size=64, train_videos=8, test_videos=2, frames=16, see
             identity, current = renderer.sample_identity(np.random.default_rng([seed, 7, ident])), ident
         rng = np.random.default_rng([seed, SPLIT_CODES[split], ident, video])
         motion = sample_motion(rng, frames, n_exp, identity["scale"])
-        clip, landmarks, _ = renderer.render_clip(identity, motion, renderer.sample_scene(rng))
+        clip, landmarks, _, parsing = renderer.render_clip(identity, motion,
+                                                          renderer.sample_scene(rng))
         stem = f"id{ident:05d}#vid{video:02d}#000"
         folder = os.path.join(out, split, stem)
         os.makedirs(folder, exist_ok=True)
         for t, frame in enumerate(clip):
             imageio.imwrite(os.path.join(folder, f"{t:07d}.png"), frame)
         np.save(os.path.join(out, split, stem + ".landmarks.npy"), landmarks.astype(np.float32))
+        np.save(os.path.join(out, split, stem + ".parsing.npy"), parsing)
         np.savez(os.path.join(out, split, stem + ".flame.npz"),
                  shape=np.tile(identity["shape"], (frames, 1)).astype(np.float32),
                  exp=motion["exp"].astype(np.float32), pose=motion["pose"].astype(np.float32),
@@ -383,6 +422,7 @@ def generate_dataset(out, size=64, train_videos=8, test_videos=2, frames=16, see
     stats = {"frames": total, "seconds": round(seconds, 3), "fps": round(total / max(seconds, 1e-9), 2)}
     with open(os.path.join(out, MANIFEST), "w") as f:
         json.dump({"params": params, "stats": stats, "generator": "datasets.synthetic",
+                   "sidecar_format": SIDECAR_FORMAT,
                    "open_head": generator_fingerprint()}, f, indent=1)
     return stats
 
@@ -402,7 +442,11 @@ def ensure_synthetic_dataset(root, cache_dir=None, progress=False, **params):
     manifest = os.path.join(root, MANIFEST)
     if os.path.isfile(manifest):
         with open(manifest) as f:
-            found = json.load(f)["params"]
+            found = json.load(f)
+        if found.get("sidecar_format", 1) != SIDECAR_FORMAT:
+            raise ValueError(f"{root} holds a synthetic dataset in an older sidecar format (68 "
+                             f"landmarks, no parsing maps); delete it to regenerate")
+        found = found["params"]
         if found != wanted:
             diff = {k: (found.get(k), wanted[k]) for k in wanted if found.get(k) != wanted[k]}
             raise ValueError(f"{root} holds a synthetic dataset made with other parameters "
@@ -440,7 +484,7 @@ def make_grid(path, size=96, identities=4, frames=6, seed=0, cache_dir=None):
         motion = sample_motion(rng, 40, renderer.n_exp, identity["scale"])
         keep = np.linspace(0, 39, frames).round().astype(int)
         motion = {k: v[keep] for k, v in motion.items()}
-        clip, _, _ = renderer.render_clip(identity, motion, renderer.sample_scene(rng))
+        clip = renderer.render_clip(identity, motion, renderer.sample_scene(rng))[0]
         rows.append(np.concatenate(list(clip), axis=1))
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     imageio.imwrite(path, np.concatenate(rows, axis=0))

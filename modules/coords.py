@@ -55,12 +55,13 @@ def resize_map(values, size):
     return F.interpolate(values, size=tuple(size), mode="bilinear", align_corners=ALIGN_CORNERS)
 
 
-def warp(image, flow, padding_mode="zeros"):
+def warp(image, flow, padding_mode="zeros", mode="bilinear"):
     """Backward-warp ``image`` (B x C x h x w) with ``flow`` (B x H x W x 2, normalized coords).
 
     The flow is resized to the image's resolution first when they differ, so one dense flow can warp
-    every level of a feature pyramid.
+    every level of a feature pyramid. ``mode``: 'bilinear' (f_w^b) or 'nearest' (f_w^n, for label
+    maps).
     """
     flow = resize_flow(flow, image.shape[2:])
-    return F.grid_sample(image, flow.to(image.dtype), mode="bilinear", padding_mode=padding_mode,
+    return F.grid_sample(image, flow.to(image.dtype), mode=mode, padding_mode=padding_mode,
                          align_corners=ALIGN_CORNERS)
