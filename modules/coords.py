@@ -55,6 +55,13 @@ def resize_map(values, size):
     return F.interpolate(values, size=tuple(size), mode="bilinear", align_corners=ALIGN_CORNERS)
 
 
+def sample(image, points, mode="bilinear", padding_mode="zeros"):
+    """``image`` (B x C x h x w) read at the normalized points ``points`` (B x H x W x 2):
+    ``B x C x H x W``, any output size (crops, patches); no resizing of ``points``."""
+    return F.grid_sample(image, points.to(image.dtype), mode=mode, padding_mode=padding_mode,
+                         align_corners=ALIGN_CORNERS)
+
+
 def warp(image, flow, padding_mode="zeros", mode="bilinear"):
     """Backward-warp ``image`` (B x C x h x w) with ``flow`` (B x H x W x 2, normalized coords).
 
@@ -62,6 +69,4 @@ def warp(image, flow, padding_mode="zeros", mode="bilinear"):
     every level of a feature pyramid. ``mode``: 'bilinear' (f_w^b) or 'nearest' (f_w^n, for label
     maps).
     """
-    flow = resize_flow(flow, image.shape[2:])
-    return F.grid_sample(image, flow.to(image.dtype), mode=mode, padding_mode=padding_mode,
-                         align_corners=ALIGN_CORNERS)
+    return sample(image, resize_flow(flow, image.shape[2:]), mode, padding_mode)
