@@ -261,7 +261,8 @@ class TalkingHeadRenderer:
         self.painter = TexturePainter()
         self.head_builder = OpenHeadBuilder()
         lid_faces, lid_bary = self.head_builder.extra_landmark_embedding()
-        self.lid_faces, self.lid_bary = torch.tensor(lid_faces), torch.tensor(lid_bary, dtype=torch.float32)
+        self.lid_faces = torch.tensor(lid_faces)
+        self.lid_bary = torch.tensor(lid_bary, dtype=torch.float32)
         self.pupil_ids = torch.tensor(self.head_builder.pupil_vertex_ids())
         # supersampled pixel centres average onto ours exactly when x is scaled by this factor
         self.ss_scale = supersample * (size - 1) / (supersample * size - 1)
@@ -272,7 +273,8 @@ class TalkingHeadRenderer:
         shape[19:] = np.clip(rng.normal(0, 0.6, self.n_shape - 19), -2, 2)
         texture, regions = self.painter.paint_regions(rng)
         labels = self.head_builder.face_region_labels(regions["hair_front"])
-        return {"shape": shape, "texture": texture, "face_labels": torch.tensor(labels.astype(np.int64)),
+        return {"shape": shape, "texture": texture,
+                "face_labels": torch.tensor(labels.astype(np.int64)),
                 "cloth": rng.uniform(0.05, 0.9, 3), "scale": rng.uniform(6.0, 7.0)}
 
     def sample_scene(self, rng):

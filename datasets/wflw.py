@@ -150,7 +150,8 @@ class WFLWDataset(Dataset):
         points = wflw_to_layout(face["points"], self.num_landmarks)
         crop, points = crop_face(image, points, face["box"], self.frame_size, self.margin)
         if self.horizontal_flip and np.random.RandomState([self.seed, index]).rand() < 0.5:
-            crop, points = np.ascontiguousarray(crop[:, ::-1]), flip_landmarks(points, crop.shape[1])
+            points = flip_landmarks(points, crop.shape[1])
+            crop = np.ascontiguousarray(crop[:, ::-1])
         height, width = self.frame_size
         return {"name": face["image"],
                 "image": torch.from_numpy(crop).permute(2, 0, 1).float().div(255.0),

@@ -778,7 +778,8 @@ class OpenHeadBuilder:
         eyes, the mouth bowl -> mouth interior, skin faces by where their centroid lies: brows
         (the band along the brow landmarks), nose, upper/lower lip (split at the slit), hair
         above :func:`hairline_theta` for ``hair_front`` (None: no hair), other skin -> skin.
-        Region edges follow where the synthetic textures change colour (``datasets/synthetic.py``)."""
+        Region edges follow where the synthetic textures change colour
+        (``datasets/synthetic.py``)."""
         from modules.face_parsing import PARSING_IDS as ids
         t, p = self.topo, self.params
         phi, theta = self.face_centroid_params()
@@ -792,7 +793,8 @@ class OpenHeadBuilder:
         labels[(first_vertex >= start) & (first_vertex < stop)] = ids["mouth_interior"]
         if hair_front is not None:
             labels[skin & (th > hairline_theta(a, hair_front) + 0.01)] = ids["hair"]
-        brow_phi, brow_theta = zip(*[(ph, th_) for ph, th_, _ in self.static_landmark_params()[5:10]])
+        left_brow = self.static_landmark_params()[5:10]                  # iBUG 22-26
+        brow_phi, brow_theta = zip(*[(ph, th_) for ph, th_, _ in left_brow])
         brow_centre = np.interp(a, brow_phi, brow_theta) + 0.012
         brows = (np.abs(th - brow_centre) < BROW_HALF_WIDTH) & (a > 0.13) & (a < 0.8)
         nose = ((nose_profile(a, th, p) > 0.2 * p["nose_height"]) & (th < NOSE_ROOT - 0.04)

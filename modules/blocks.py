@@ -147,7 +147,8 @@ class HierarchicalBlock(nn.Module):
     def __init__(self, in_features, out_features, norm="batch"):
         super().__init__()
         if out_features % 4:
-            raise ValueError(f"HierarchicalBlock needs out_features divisible by 4, got {out_features}")
+            raise ValueError(f"HierarchicalBlock needs out_features divisible by 4, got "
+                             f"{out_features}")
         widths = (out_features // 2, out_features // 4, out_features // 4)
         inputs = (in_features,) + widths[:2]
         self.norms = nn.ModuleList(make_norm(c, norm) for c in inputs)

@@ -170,11 +170,13 @@ def merge_time(x):
 
 
 def registration_loss(detections, frames, tracker=None, fb_threshold=1.0):
-    """SBR's registration loss on a clip: ``B x T x K x 2`` detections of frames ``B x T x C x H x W``.
+    """SBR's registration loss on a clip: detections ``B x T x K x 2`` of frames
+    ``B x T x C x H x W``.
 
     forward:   LK_{t->t+1}(x_t) should equal x_{t+1}
     backward:  LK_{t+1->t}(x_{t+1}) should equal x_t
-    L = mean over t and k of beta_{t,k} (|LK_{t->t+1}(x_t) - x_{t+1}|^2 + |LK_{t+1->t}(x_{t+1}) - x_t|^2)
+    L = mean over t, k of beta_{t,k} (|LK_{t->t+1}(x_t) - x_{t+1}|^2
+                                      + |LK_{t+1->t}(x_{t+1}) - x_t|^2)
 
     Gradients flow into the detections on both sides (through the tracker into the starting
     points). ``beta``: SBR's reliability check, 1 where the optical flow itself is consistent

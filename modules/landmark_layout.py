@@ -58,7 +58,8 @@ def region_indices(region, num_landmarks=NUM_LANDMARKS):
     """Indices of a local region (``LOCAL_REGIONS`` key) that exist in an N-point layout."""
     check_layout(num_landmarks)
     if region not in LOCAL_REGIONS:
-        raise ValueError(f"unknown landmark region {region!r}; expected one of {list(LOCAL_REGIONS)}")
+        raise ValueError(f"unknown landmark region {region!r}; expected one of "
+                         f"{list(LOCAL_REGIONS)}")
     return tuple(i for i in LOCAL_REGIONS[region] if i < num_landmarks)
 
 

@@ -41,7 +41,8 @@ from torch import nn
 
 from modules.blocks import level_channels, make_norm
 from modules.coords import make_coordinate_grid, sample
-from modules.landmark_layout import LOCAL_REGIONS, NUM_LANDMARKS, check_layout, region_indices
+from modules.landmark_layout import (LOCAL_REGIONS, NUM_LANDMARKS, check_layout,
+                                     flatten_landmarks, region_indices)
 from modules.norms import AdaIN
 
 LANDMARK_DIM = 2 * NUM_LANDMARKS                     # the flattened 74 x 2 landmark vector
@@ -230,13 +231,12 @@ class SparseToDenseMotion(nn.Module):
     def forward(self, source_image, source_landmarks, driving_landmarks):
         self.check_landmarks(source_landmarks, "source landmarks")
         self.check_landmarks(driving_landmarks, "driving landmarks")
-        batch = source_image.shape[0]
         frame_size = tuple(source_image.shape[-2:])
         grid = make_coordinate_grid(*frame_size, dtype=source_image.dtype,
                                     device=source_image.device)[None]
-        flat = lambda points: points.reshape(batch, -1)  # noqa: E731  (x0, y0, x1, y1, ...)
-        global_flow = self.global_branch(source_image, flat(source_landmarks),
-                                         flat(driving_landmarks)).permute(0, 2, 3, 1) + grid  # f_G
+        global_flow = self.global_branch(source_image, flatten_landmarks(source_landmarks),
+                                         flatten_landmarks(driving_landmarks))
+        global_flow = global_flow.permute(0, 2, 3, 1) + grid                              # f_G
         out = {"global_deformation": global_flow, "local_deformations": {}, "local_masks": {},
                "local_patches": {}}
         deformation = global_flow
@@ -262,7 +262,7 @@ class SparseToDenseMotion(nn.Module):
         patch = sample(source_image, patch_grid(source_centre, half, size))
         source_vector = ((source_landmarks[:, list(indices)] - source_centre[:, None]) / half)
         driving_vector = ((driving_landmarks[:, list(indices)] - driving_centre[:, None]) / half)
-        maps = branch(patch, source_vector.flatten(1), driving_vector.flatten(1))
+        maps = branch(patch, flatten_landmarks(source_vector), flatten_landmarks(driving_vector))
         local = make_coordinate_grid(size, size, dtype=maps.dtype, device=maps.device)
         flow = maps[:, :2] + local.permute(2, 0, 1)[None]                      # f_L, patch coords
         shifted = source_centre[:, :, None, None] + half[:, None, None] * flow  # c_S + h f_L

@@ -83,7 +83,8 @@ def test_parsing_covers_exactly_the_head_and_opens_the_mouth(renderer):
     interior = (parsing == PARSING_IDS["mouth_interior"]).sum((1, 2))
     assert interior[1] > interior[0] + 3
     # the inner-lip landmarks bracket the opening: mouth interior between the lips' midpoints
-    x, top, bottom = np.round(landmarks[1, 62]).astype(int)[0], landmarks[1, 62, 1], landmarks[1, 66, 1]
+    x = int(np.round(landmarks[1, 62, 0]))
+    top, bottom = landmarks[1, 62, 1], landmarks[1, 66, 1]
     column = parsing[1, int(np.ceil(top)):int(np.floor(bottom)) + 1, x]
     assert (column == PARSING_IDS["mouth_interior"]).mean() > 0.5
 
@@ -131,7 +132,8 @@ def test_layout_helpers():
     assert torch.isnan(layout.pad_to_layout(torch.tensor(points68))[:, 68:]).all()
     assert layout.region_indices("left_eye_brow", 68) == tuple(range(22, 27)) + tuple(range(42, 48))
     assert layout.region_indices("mouth") == tuple(range(48, 68))
-    assert 73 in layout.region_indices("left_eye_brow") and 72 in layout.region_indices("right_eye_brow")
+    assert 73 in layout.region_indices("left_eye_brow")
+    assert 72 in layout.region_indices("right_eye_brow")
     with pytest.raises(ValueError, match="68 .* or 74"):
         layout.pad_to_layout(np.zeros((5, 2)))
     with pytest.raises(ValueError, match="cannot flip 98"):
@@ -165,8 +167,9 @@ def test_wflw_file_and_dataset(tmp_path):
     image[28, 35] = 255                                               # ... on a bright pixel
     (tmp_path / "images" / "sub").mkdir(parents=True)
     imageio.imwrite(tmp_path / "images" / "sub" / "face.png", image)
-    lines = [wflw_line(points, (28.0, 18.0, 52.0, 42.0), (0, 1, 0, 0, 1, 0), "sub/face.png"),
-             "", wflw_line(points + 1, (28.0, 18.0, 52.0, 42.0), (1, 0, 0, 0, 0, 0), "sub/face.png")]
+    box = (28.0, 18.0, 52.0, 42.0)
+    lines = [wflw_line(points, box, (0, 1, 0, 0, 1, 0), "sub/face.png"), "",
+             wflw_line(points + 1, box, (1, 0, 0, 0, 0, 0), "sub/face.png")]
     (tmp_path / "list.txt").write_text("\n".join(lines) + "\n")
     faces = read_wflw_annotations(str(tmp_path / "list.txt"))
     assert len(faces) == 2 and faces[0]["image"] == "sub/face.png"
@@ -191,3 +194,31 @@ def test_wflw_errors_name_the_problem(tmp_path):
         parse_wflw_line("1 2 3 img.png", "list.txt:3")
     with pytest.raises(FileNotFoundError, match="list_98pt"):
         read_wflw_annotations(str(tmp_path / "missing.txt"))
+
+
+# ----------------------------------------------------------------------------- clips
+def test_clips_of_the_synthetic_data_are_registered_by_their_ground_truth(synthetic_root):
+    """Consecutive frames with their 74-point sidecar rows; the registration loss (SBR) of the
+    exact landmarks is far below that of landmarks jittered by about a pixel."""
+    from datasets.clips import VideoClipDataset
+    from modules.coords import pixels_to_normalized
+    from modules.landmark_detector import registration_loss
+    clips = VideoClipDataset(synthetic_root, clip_length=3, frame_step=2, frame_shape=(32, 32, 3),
+                             is_train=False, load_landmarks=True)
+    item = clips.sample_clip(clips.video_path(0), np.random.RandomState(0))
+    start = int(item["frame_indices"][0])
+    assert item["frame_indices"].tolist() == [start, start + 2, start + 4]
+    assert item["frames"].shape == (3, 3, 32, 32) and item["landmarks"].shape == (3, 74, 2)
+    stem = clips.video_path(0)
+    sidecar = np.load(stem + ".landmarks.npy")[[start, start + 2, start + 4]]
+    assert np.allclose(item["landmarks"].numpy(), pixels_to_normalized(sidecar, 32, 32), atol=1e-6)
+    frame = imageio.imread(f"{stem}/{start + 2:07d}.png")
+    assert np.allclose(item["frames"][1].permute(1, 2, 0).numpy() * 255, frame, atol=1e-3)
+    exact = float(registration_loss(item["landmarks"][None], item["frames"][None]))
+    noise = torch.randn(item["landmarks"].shape, generator=torch.Generator().manual_seed(0))
+    jittered = float(registration_loss((item["landmarks"] + noise * 2 / 31)[None],
+                                       item["frames"][None]))
+    assert exact < 0.25 * jittered, (exact, jittered)
+    with pytest.raises(Exception, match="a clip of 4 frames 2 apart needs 7"):
+        VideoClipDataset(synthetic_root, clip_length=4, frame_step=2, frame_shape=(32, 32, 3),
+                         is_train=False)[0]

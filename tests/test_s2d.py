@@ -126,7 +126,7 @@ def test_local_branches_start_as_the_region_translation():
     net = SparseToDenseMotion(**TINY)
     image, source = torch.rand(1, 3, 64, 64), face_landmarks(1)
     driving = source + torch.tensor([0.08, -0.05])
-    driving[:, 48:68] += torch.tensor([0.03, 0.1])                              # the mouth moves more
+    driving[:, 48:68] += torch.tensor([0.03, 0.1])                      # the mouth moves more
     out = net(image, source, driving)
     grid = make_coordinate_grid(64, 64)[None]
     for name, shift in (("left_eye_brow", (0.08, -0.05)), ("mouth", (0.11, 0.05))):
