@@ -1,7 +1,8 @@
 """Augmentation of a (source, driving) frame pair that keeps sidecar annotations consistent.
 
 A horizontal flip mirrors the frames, mirrors landmark x coordinates AND swaps the left/right
-landmark indices of the 68-point scheme (a mirrored right eye corner is a left eye corner); FLAME
+landmark indices of the 68-point scheme (a mirrored right eye corner is a left eye corner), and of
+the 74-point layout (``modules/landmark_layout.py``: also the lid midpoints and the pupils); FLAME
 codes are mirrored approximately (rotations and x translation; shape and expression coefficients
 are kept, since FLAME's bases are not exactly symmetric). The same random parameters apply to
 both frames of the pair, as they come from one video.
@@ -21,21 +22,36 @@ def _mirror_pairs():
     return pairs
 
 
-def landmark_flip_permutation():
-    perm = np.arange(68)
-    for i, j in _mirror_pairs():
+# points 68-73 of the 74-point layout: right/left upper lid, right/left lower lid, pupils
+EXTRA_MIRROR_PAIRS = [(68, 70), (69, 71), (72, 73)]
+
+
+def landmark_flip_permutation(num_landmarks=68):
+    """Index map of a horizontal flip for the 68-point scheme or the 74-point layout."""
+    if num_landmarks not in (68, 74):
+        raise ValueError(f"no horizontal-flip index map for {num_landmarks} landmarks; "
+                         f"expected 68 or 74 (modules/landmark_layout.py)")
+    perm = np.arange(num_landmarks)
+    pairs = _mirror_pairs() + (EXTRA_MIRROR_PAIRS if num_landmarks == 74 else [])
+    for i, j in pairs:
         perm[i], perm[j] = j, i
     return perm
 
 
 LANDMARK_FLIP = landmark_flip_permutation()
+LANDMARK_FLIP_74 = landmark_flip_permutation(74)
+LANDMARK_FLIPS = {68: LANDMARK_FLIP, 74: LANDMARK_FLIP_74}
 
 
 def flip_landmarks(points, width):
-    """Mirror 68 x 2 pixel landmarks of a frame ``width`` pixels wide and relabel left/right."""
+    """Mirror N x 2 pixel landmarks (N = 68 or 74) of a frame ``width`` pixels wide and relabel
+    left/right."""
     flipped = np.array(points, dtype=np.float32, copy=True)
+    if len(flipped) not in LANDMARK_FLIPS:
+        raise ValueError(f"cannot flip {len(flipped)} landmarks: the horizontal flip knows the "
+                         f"68-point and the 74-point layouts (modules/landmark_layout.py)")
     flipped[:, 0] = (width - 1) - flipped[:, 0]
-    return flipped[LANDMARK_FLIP]
+    return flipped[LANDMARK_FLIPS[len(flipped)]]
 
 
 def flip_flame(codes):

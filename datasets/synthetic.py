@@ -13,7 +13,11 @@ per vertex, so the sidecar codes re-render the face (``modules.shading.ShadedFac
 Layout (FOMM frame folders; identities are disjoint between the splits)::
 
     <out>/train/id00003#vid01#000/0000000.png ...
-    <out>/train/id00003#vid01#000.landmarks.npy   float32 T x 68 x 2, pixel-index (x, y)
+    <out>/train/id00003#vid01#000.landmarks.npy   float32 T x 74 x 2, pixel-index (x, y): the 68
+                                                  iBUG points, 4 lid midpoints, 2 pupils
+                                                  (modules/landmark_layout.py)
+    <out>/train/id00003#vid01#000.parsing.npy     uint8 T x H x W face-parsing labels
+                                                  (modules/face_parsing.py)
     <out>/train/id00003#vid01#000.flame.npz       float32 shape (T, n_shape), exp (T, n_exp),
                                                   pose (T, 6) global + jaw, cam (T, 3) s, tx, ty,
                                                   eye_pose (T, 6) left + right eye (gaze),
@@ -46,6 +50,8 @@ MANIFEST = "synthetic_manifest.json"
 DEFAULTS = {"size": 64, "train_videos": 8, "test_videos": 2, "frames": 16, "seed": 0,
             "videos_per_identity": 2, "supersample": 1, "n_shape": 100, "n_exp": 50}
 SPLIT_CODES = {"train": 1, "test": 2}
+# 3: albedo + SH light colouring with tex/light codes; 2: 74-point landmarks and parsing maps
+SIDECAR_FORMAT = 3
 
 
 def smoothstep(edge0, edge1, x):
@@ -151,6 +157,14 @@ class TalkingHeadRenderer:
         self.flame = FLAME.open_head(n_shape, n_exp, cache_dir).eval()
         self.render_size = size * supersample
         self.renderer = Renderer(self.flame.faces, self.render_size)
+        from flame.open_head import HAIRLINE_FRONT, OpenHeadBuilder
+        self.head_builder = builder = OpenHeadBuilder()
+        lid_faces, lid_bary = builder.extra_landmark_embedding()
+        self.lid_faces = torch.tensor(lid_faces)
+        self.lid_bary = torch.tensor(lid_bary, dtype=torch.float32)
+        self.pupil_ids = torch.tensor(builder.pupil_vertex_ids())
+        # parsing labels per mesh face; hair above the hairline the albedo paints
+        self.face_labels = torch.tensor(builder.face_region_labels(HAIRLINE_FRONT).astype(np.int64))
         # supersampled pixel centres average onto ours exactly when x is scaled by this factor
         self.ss_scale = supersample * (size - 1) / (supersample * size - 1)
 
@@ -167,15 +181,16 @@ class TalkingHeadRenderer:
 
     @torch.no_grad()
     def render_clip(self, identity, motion, scene, chunk=32):
-        """Frames (T x H x W x 3 uint8), landmarks (T x 68 x 2 pixels), head masks (T x H x W)."""
-        frames, landmarks, masks = [], [], []
+        """Frames (T x H x W x 3 uint8), landmarks (T x 74 x 2 pixels, the layout of
+        ``modules/landmark_layout.py``), head masks (T x H x W) and parsing maps (T x H x W
+        uint8, the ids of ``modules/face_parsing.py``)."""
+        outputs = []
         total = len(motion["pose"])
         for start in range(0, total, chunk):
             part = {k: torch.tensor(v[start:start + chunk], dtype=torch.float32)
                     for k, v in motion.items()}
-            f, lm, m = self._render(identity, part, scene)
-            frames.append(f), landmarks.append(lm), masks.append(m)
-        return np.concatenate(frames), np.concatenate(landmarks), np.concatenate(masks)
+            outputs.append(self._render(identity, part, scene))
+        return tuple(np.concatenate(parts) for parts in zip(*outputs))
 
     def _render(self, identity, part, scene):
         """The head coloured with its albedo codes and the scene's SH light (modules.shading), so
@@ -194,14 +209,33 @@ class TalkingHeadRenderer:
         fragments = self.renderer.rasterize(screen_vertices(out.vertices, cam_ss))
         head = self.renderer.interpolate(fragments, colours)
         image = self._composite(head, fragments.mask, out.joints, cam_ss, identity, scene)
+        parsing = self._parsing(fragments.pix_to_face)
         if self.supersample > 1:
             image = F.avg_pool2d(image, self.supersample)
             mask = F.avg_pool2d(fragments.mask, self.supersample)
         else:
             mask = fragments.mask
         frames = (image.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).numpy()
-        lm = (weak_perspective(out.landmarks, cam) + 1) * 0.5 * (self.size - 1)
-        return frames, lm.numpy().astype(np.float32), mask[:, 0].numpy()
+        lm = (weak_perspective(self._landmarks74(out), cam) + 1) * 0.5 * (self.size - 1)
+        return frames, lm.numpy().astype(np.float32), mask[:, 0].numpy(), parsing
+
+    def _landmarks74(self, out):
+        """The 68 FLAME landmarks, the four lid midpoints on the mesh and the two pupils (the
+        eyeballs' front poles): B x 74 x 3."""
+        from flame.flame import points_on_mesh
+        batch = out.vertices.shape[0]
+        lids = points_on_mesh(out.vertices, self.flame.faces, self.lid_faces.expand(batch, -1),
+                              self.lid_bary.expand(batch, -1, -1))
+        return torch.cat([out.landmarks, lids, out.vertices[:, self.pupil_ids]], dim=1)
+
+    def _parsing(self, pix_to_face):
+        """B x H x W uint8 labels: each pixel takes the label of the face it shows (background
+        and clothes: 0); supersampled pixels take the most frequent label of their block."""
+        labels = torch.where(pix_to_face >= 0, self.face_labels[pix_to_face.clamp_min(0)], 0)
+        if self.supersample > 1:
+            votes = F.one_hot(labels, int(self.face_labels.max()) + 1).permute(0, 3, 1, 2).float()
+            labels = F.avg_pool2d(votes, self.supersample).argmax(1)
+        return labels.to(torch.uint8).numpy()
 
     def _composite(self, head, head_mask, joints, cam, identity, scene):
         """Background, then clothes (behind the head, so the neck and chin stay in front), then
@@ -258,13 +292,14 @@ def generate_dataset(out, size=64, train_videos=8, test_videos=2, frames=16, see
         rng = np.random.default_rng([seed, SPLIT_CODES[split], ident, video])
         motion = sample_motion(rng, frames, n_exp, identity["scale"])
         scene = renderer.sample_scene(rng)
-        clip, landmarks, _ = renderer.render_clip(identity, motion, scene)
+        clip, landmarks, _, parsing = renderer.render_clip(identity, motion, scene)
         stem = f"id{ident:05d}#vid{video:02d}#000"
         folder = os.path.join(out, split, stem)
         os.makedirs(folder, exist_ok=True)
         for t, frame in enumerate(clip):
             imageio.imwrite(os.path.join(folder, f"{t:07d}.png"), frame)
         np.save(os.path.join(out, split, stem + ".landmarks.npy"), landmarks.astype(np.float32))
+        np.save(os.path.join(out, split, stem + ".parsing.npy"), parsing)
         np.savez(os.path.join(out, split, stem + ".flame.npz"),
                  shape=np.tile(identity["shape"], (frames, 1)).astype(np.float32),
                  exp=motion["exp"].astype(np.float32), pose=motion["pose"].astype(np.float32),
@@ -278,6 +313,7 @@ def generate_dataset(out, size=64, train_videos=8, test_videos=2, frames=16, see
     stats = {"frames": total, "seconds": round(seconds, 3), "fps": round(total / max(seconds, 1e-9), 2)}
     with open(os.path.join(out, MANIFEST), "w") as f:
         json.dump({"params": params, "stats": stats, "generator": "datasets.synthetic",
+                   "sidecar_format": SIDECAR_FORMAT,
                    "open_head": generator_fingerprint()}, f, indent=1)
     return stats
 
@@ -297,7 +333,11 @@ def ensure_synthetic_dataset(root, cache_dir=None, progress=False, **params):
     manifest = os.path.join(root, MANIFEST)
     if os.path.isfile(manifest):
         with open(manifest) as f:
-            found = json.load(f)["params"]
+            found = json.load(f)
+        if found.get("sidecar_format", 1) != SIDECAR_FORMAT:
+            raise ValueError(f"{root} holds a synthetic dataset of an older format (sidecars or "
+                             f"colouring differ); delete it to regenerate")
+        found = found["params"]
         if found != wanted:
             diff = {k: (found.get(k), wanted[k]) for k in wanted if found.get(k) != wanted[k]}
             raise ValueError(f"{root} holds a synthetic dataset made with other parameters "
@@ -335,7 +375,7 @@ def make_grid(path, size=96, identities=4, frames=6, seed=0, cache_dir=None):
         motion = sample_motion(rng, 40, renderer.n_exp, identity["scale"])
         keep = np.linspace(0, 39, frames).round().astype(int)
         motion = {k: v[keep] for k, v in motion.items()}
-        clip, _, _ = renderer.render_clip(identity, motion, renderer.sample_scene(rng))
+        clip = renderer.render_clip(identity, motion, renderer.sample_scene(rng))[0]
         rows.append(np.concatenate(list(clip), axis=1))
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     imageio.imwrite(path, np.concatenate(rows, axis=0))

@@ -59,6 +59,7 @@ MOUTH_THETA_DEG = -27.0                        # the slit row
 MOUTH_PHI = 0.27                               # mouth corners at +-MOUTH_PHI
 NOSE_ROOT, NOSE_TIP = 0.32, -0.1
 EYE_RADIUS = 0.0145
+BROW_HALF_WIDTH = 0.03                         # half height of the brow band (parsing labels)
 NECK_START, NECK_END = np.radians(-55.0), np.radians(-80.0)
 
 DEFAULT_PARAMS = {
@@ -340,6 +341,17 @@ def bowl_grid(n_az=16, n_beta=5, beta_max=np.radians(115)):
     faces = fix_orientation(np.array(faces, np.int64), dirs)[:, [0, 2, 1]]
     uv = 0.5 + 0.5 * (ab[:, 1:2] / beta_max) * np.stack([np.cos(ab[:, 0]), np.sin(ab[:, 0])], -1)
     return ab, faces, uv
+
+
+HAIRLINE_FRONT = 0.95   # latitude (radians) of the hairline at the middle of the forehead
+
+
+def hairline_theta(a, front=HAIRLINE_FRONT):
+    """Latitude of the hairline at |phi| = ``a`` (high on the forehead, low behind the ears) for
+    a forehead hairline at ``front``: the albedo paints hair above it and the parsing labels call
+    it hair."""
+    return np.interp(a, [0, 0.6, 1.1, 1.35, 1.55, 2.2, np.pi],
+                     [front, front - 0.06, 0.6, 0.12, 0.32, -0.55, -0.75])
 
 
 # ============================================================================= expressions
@@ -733,6 +745,77 @@ class OpenHeadBuilder:
             "full_lmk_bary_coords": full_bary[None],
         }
 
+    # ....................................................................... landmarks 68-73
+    def eyelid_landmark_params(self):
+        """(phi, theta, side) of the lid midpoints, points 68-71 of the 74-point layout
+        (``modules/landmark_layout.py``): right upper, right lower, left upper, left lower. They
+        lie on the lid curves of iBUG 37-38 / 40-41 (and 43-44 / 46-47), midway along the eye."""
+        upper = EYE_THETA + EYE_HALF_UP * np.sqrt(1.1)
+        lower = float(lower_lid_theta(np.array(EYE_PHI)))
+        return [(-EYE_PHI, upper, 1), (-EYE_PHI, lower, 1), (EYE_PHI, upper, 1),
+                (EYE_PHI, lower, 1)]
+
+    def pupil_vertex_ids(self):
+        """Vertex ids of the right and left pupils (points 72-73): each eyeball's front pole,
+        which turns with the eye joint (gaze)."""
+        (left_start, _), (right_start, _) = self.topo.eye_ranges
+        return np.array([right_start, left_start], np.int64)
+
+    def extra_landmark_embedding(self):
+        """Faces (4,) and barycentrics (4 x 3) of the lid midpoints; the mesh carries them
+        through expressions (blinks) and poses like the 68 static points."""
+        located = [self.locate(ph, th, side) for ph, th, side in self.eyelid_landmark_params()]
+        return (np.array([f for f, _ in located], np.int64),
+                np.array([b for _, b in located], np.float64))
+
+    # ....................................................................... parsing labels
+    def face_centroid_params(self):
+        """(phi, theta) of the centroid of every skin face in the rest parameter space (phi by
+        circular mean, so faces across the back seam stay at the back); NaN for other faces."""
+        t = self.topo
+        n_faces = len(t.faces)
+        phi, theta = np.full(n_faces, np.nan), np.full(n_faces, np.nan)
+        corners = t.skin_faces
+        angles = t.skin_phi[corners]
+        phi[: len(corners)] = np.arctan2(np.sin(angles).mean(1), np.cos(angles).mean(1))
+        theta[: len(corners)] = t.skin_theta[corners].mean(1)
+        return phi, theta
+
+    def face_region_labels(self, hair_front=None):
+        """Face-parsing label of every face (ids of ``modules/face_parsing.py``): eyeballs ->
+        eyes, the mouth bowl -> mouth interior, skin faces by where their centroid lies: brows
+        (the band along the brow landmarks), nose, upper/lower lip (split at the slit), hair
+        above :func:`hairline_theta` for ``hair_front`` (None: no hair), other skin -> skin.
+        Region edges follow where the synthetic textures change colour
+        (``datasets/synthetic.py``)."""
+        from modules.face_parsing import PARSING_IDS as ids
+        t, p = self.topo, self.params
+        phi, theta = self.face_centroid_params()
+        skin = ~np.isnan(theta)
+        a, th = np.abs(np.nan_to_num(phi)), np.nan_to_num(theta, nan=-9.0)
+        labels = np.full(len(t.faces), ids["skin"], np.uint8)
+        first_vertex = t.faces[:, 0]
+        for start, stop in t.eye_ranges:
+            labels[(first_vertex >= start) & (first_vertex < stop)] = ids["eyes"]
+        start, stop = t.cavity_range
+        labels[(first_vertex >= start) & (first_vertex < stop)] = ids["mouth_interior"]
+        if hair_front is not None:
+            labels[skin & (th > hairline_theta(a, hair_front) + 0.01)] = ids["hair"]
+        left_brow = self.static_landmark_params()[5:10]                  # iBUG 22-26
+        brow_phi, brow_theta = zip(*[(ph, th_) for ph, th_, _ in left_brow])
+        brow_centre = np.interp(a, brow_phi, brow_theta) + 0.012
+        brows = (np.abs(th - brow_centre) < BROW_HALF_WIDTH) & (a > 0.13) & (a < 0.8)
+        nose = ((nose_profile(a, th, p) > 0.2 * p["nose_height"]) & (th < NOSE_ROOT - 0.04)
+                & (th > NOSE_TIP - 0.12)) | (gauss(a, th, 0.19, -0.2, 0.07, 0.06) > 0.5)
+        m = np.radians(MOUTH_THETA_DEG)
+        across = np.sqrt(np.clip(1 - (a / (MOUTH_PHI + 0.02)) ** 2, 0, 1))
+        upper_lip = (th >= m) & (th - m < 0.068 * across + 0.002) & (across > 0)
+        lower_lip = (th < m) & (m - th < 0.09 * across + 0.002) & (across > 0)
+        for name, region in (("brows", brows), ("nose", nose), ("upper_lip", upper_lip),
+                             ("lower_lip", lower_lip)):
+            labels[skin & region] = ids[name]
+        return labels
+
     # ....................................................................... UV space
     def uv_parameters(self, size=256):
         """Per texel of a size x size UV image (row 0 = v 1): phi, theta of the skin (NaN off skin)."""
@@ -820,12 +903,6 @@ HAIR_COLOUR = np.array([0.24, 0.16, 0.10])
 SCLERA_COLOUR = np.array([0.93, 0.91, 0.88])
 IRIS_COLOUR = np.array([0.3, 0.25, 0.2])       # hazel: brown and blue eyes lie either side
 PUPIL_COLOUR = np.array([0.03, 0.03, 0.03])
-
-
-def hairline_theta(abs_phi):
-    """Latitude of the hairline around the head (high on the forehead, low behind the ears)."""
-    return np.interp(abs_phi, [0, 0.6, 1.1, 1.35, 1.55, 2.2, np.pi],
-                     [0.95, 0.89, 0.6, 0.12, 0.32, -0.55, -0.75])
 
 
 def albedo_weights(builder):

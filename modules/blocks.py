@@ -139,3 +139,52 @@ class Hourglass(nn.Module):
 
     def forward(self, x):
         return self.decoder(self.encoder(x))
+
+
+class HierarchicalBlock(nn.Module):
+    """FAN's residual block (Bulat and Tzimiropoulos 2017): three pre-activated 3x3 convolutions
+    in a chain with ``out/2``, ``out/4`` and ``out/4`` channels, their outputs concatenated
+    (receptive fields 3, 5 and 7 in one block) and added to the shortcut (identity, or
+    norm -> ReLU -> 1x1 conv when the channel count changes)."""
+
+    def __init__(self, in_features, out_features, norm="batch"):
+        super().__init__()
+        if out_features % 4:
+            raise ValueError(f"HierarchicalBlock needs out_features divisible by 4, got "
+                             f"{out_features}")
+        widths = (out_features // 2, out_features // 4, out_features // 4)
+        inputs = (in_features,) + widths[:2]
+        self.norms = nn.ModuleList(make_norm(c, norm) for c in inputs)
+        self.convs = nn.ModuleList(nn.Conv2d(i, o, 3, padding=1, bias=False)
+                                   for i, o in zip(inputs, widths))
+        self.shortcut = None
+        if in_features != out_features:
+            self.shortcut = nn.Sequential(make_norm(in_features, norm), nn.ReLU(),
+                                          nn.Conv2d(in_features, out_features, 1, bias=False))
+
+    def forward(self, x):
+        outputs, out = [], x
+        for norm, conv in zip(self.norms, self.convs):
+            out = conv(F.relu(norm(out)))
+            outputs.append(out)
+        residual = x if self.shortcut is None else self.shortcut(x)
+        return torch.cat(outputs, dim=1) + residual
+
+
+class ResidualHourglass(nn.Module):
+    """Newell et al.'s hourglass, as FAN stacks it: at each of ``depth`` levels an upper branch
+    (a block at this resolution) plus a lower branch (2x2 average pooling, a block, the next level
+    or a block at the bottom, a block, 2x nearest upsampling); all levels ``features`` wide.
+    Input sides must be divisible by ``2^depth``."""
+
+    def __init__(self, features, depth=4, norm="batch", block=HierarchicalBlock):
+        super().__init__()
+        self.upper = block(features, features, norm=norm)
+        self.down = block(features, features, norm=norm)
+        self.inner = ResidualHourglass(features, depth - 1, norm, block) if depth > 1 \
+            else block(features, features, norm=norm)
+        self.up = block(features, features, norm=norm)
+
+    def forward(self, x):
+        low = self.up(self.inner(self.down(F.avg_pool2d(x, 2))))
+        return self.upper(x) + F.interpolate(low, scale_factor=2, mode="nearest")

@@ -88,15 +88,23 @@ def resize_map(values, size, align_corners=None):
                          align_corners=resolve_align_corners(align_corners))
 
 
-def warp(image, flow, padding_mode="zeros", align_corners=None):
+def sample(image, points, mode="bilinear", padding_mode="zeros", align_corners=None):
+    """``image`` (B x C x h x w) read at the normalized points ``points`` (B x H x W x 2):
+    ``B x C x H x W``, any output size (crops, patches); no resizing of ``points``."""
+    return F.grid_sample(image, points.to(image.dtype), mode=mode, padding_mode=padding_mode,
+                         align_corners=resolve_align_corners(align_corners))
+
+
+def warp(image, flow, padding_mode="zeros", align_corners=None, mode="bilinear"):
     """Backward-warp ``image`` (B x C x h x w) with ``flow`` (B x H x W x 2, normalized coords).
 
     The flow is resized to the image's resolution first when they differ, so one dense flow can warp
-    every level of a feature pyramid.
+    every level of a feature pyramid. ``mode``: 'bilinear' (f_w^b) or 'nearest' (f_w^n, for label
+    maps).
     """
     align_corners = resolve_align_corners(align_corners)
     flow = resize_flow(flow, image.shape[2:], align_corners)
-    return F.grid_sample(image, flow.to(image.dtype), mode="bilinear", padding_mode=padding_mode,
+    return F.grid_sample(image, flow.to(image.dtype), mode=mode, padding_mode=padding_mode,
                          align_corners=align_corners)
 
 

@@ -4,8 +4,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from modules.blocks import Hourglass
-from modules.coords import make_coordinate_grid
-from modules.util import AntiAliasDownsample
+from modules.util import AntiAliasDownsample, heatmap_means
 
 
 class KPDetector(nn.Module):
@@ -64,9 +63,7 @@ class KPDetector(nn.Module):
     @staticmethod
     def heatmap_means(heatmaps):
         """Expected normalized (x, y) coordinate under each heatmap: ``B x K x 2``."""
-        grid = make_coordinate_grid(*heatmaps.shape[-2:], dtype=heatmaps.dtype,
-                                    device=heatmaps.device)
-        return (heatmaps[..., None] * grid).sum(dim=(2, 3))   # product + sum: the reference's order
+        return heatmap_means(heatmaps)
 
     def jacobians(self, features, heatmaps):
         """Heatmap-weighted average of the Jacobian head: ``B x K x 2 x 2``."""

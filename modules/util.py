@@ -34,6 +34,13 @@ def kp2gaussian(kp_value, spatial_size, variance=KP_VARIANCE):
     return torch.exp(-0.5 * offsets.pow(2).sum(-1) / variance)
 
 
+def heatmap_means(heatmaps):
+    """Expected normalized (x, y) coordinate under each heatmap ``B x K x H x W`` (each summing
+    to 1): ``B x K x 2``. The keypoint of FOMM's detector and DSNT's coordinate (Nibali et al.)."""
+    grid = make_coordinate_grid(*heatmaps.shape[-2:], dtype=heatmaps.dtype, device=heatmaps.device)
+    return (heatmaps[..., None] * grid).sum(dim=(2, 3))   # product + sum: the reference's order
+
+
 def keypoint_heatmap_differences(kp_driving, kp_source, spatial_size, variance=KP_VARIANCE):
     """H_k(z), eq. 10: driving gaussian minus source gaussian, ``B x K x H x W``."""
     return (kp2gaussian(kp_driving["value"], spatial_size, variance)
@@ -411,7 +418,7 @@ def gray_to_rgb(maps, size=None):
 
 
 __all__ = [
-    "KP_VARIANCE", "kp2gaussian", "keypoint_heatmap_differences", "identity_flows",
+    "KP_VARIANCE", "kp2gaussian", "heatmap_means", "keypoint_heatmap_differences", "identity_flows",
     "affine_source_from_driving", "sparse_affine_flows", "keypoint_hull_area", "movement_scale",
     "relative_keypoints", "RandomTransform", "TPS_KERNELS", "DOWNSAMPLE_METHODS",
     "antialias_sigma", "gaussian_kernel_1d", "gaussian_kernel_2d", "AntiAliasDownsample",

@@ -42,8 +42,11 @@ def test_layout_sidecars_and_disjoint_identities(small_dataset):
             image = imageio.imread(os.path.join(root, split, name, frames[0]))
             assert image.shape == (32, 32, 3) and image.dtype == np.uint8 and image.std() > 10
             landmarks = np.load(os.path.join(root, split, name + ".landmarks.npy"), allow_pickle=False)
-            assert landmarks.shape == (4, 68, 2) and landmarks.dtype == np.float32
+            assert landmarks.shape == (4, 74, 2) and landmarks.dtype == np.float32
             assert np.isfinite(landmarks).all() and (landmarks > -8).all() and (landmarks < 40).all()
+            parsing = np.load(os.path.join(root, split, name + ".parsing.npy"), allow_pickle=False)
+            assert parsing.shape == (4, 32, 32) and parsing.dtype == np.uint8
+            assert parsing.max() < 9 and {0, 1} <= set(np.unique(parsing))
             with np.load(os.path.join(root, split, name + ".flame.npz"), allow_pickle=False) as codes:
                 assert codes["shape"].shape == (4, 100) and codes["exp"].shape == (4, 50)
                 assert codes["pose"].shape == (4, 6) and codes["cam"].shape == (4, 3)
@@ -59,7 +62,7 @@ def test_frames_dataset_reads_it(small_dataset):
     videos = list_videos(os.path.join(small_dataset, "train"))
     assert len(videos) == 3                                                 # sidecars are skipped
     side = load_sidecars(videos[0], load_landmarks=True, load_flame=True)
-    assert side["landmarks"].shape == (4, 68, 2) and side["flame"]["pose"].shape == (4, 6)
+    assert side["landmarks"].shape == (4, 74, 2) and side["flame"]["pose"].shape == (4, 6)
 
 
 def test_codes_reproduce_the_landmarks(small_dataset):
@@ -69,7 +72,7 @@ def test_codes_reproduce_the_landmarks(small_dataset):
     codes = {k: torch.tensor(v) for k, v in np.load(base + ".flame.npz").items()}
     out = flame(shape=codes["shape"], exp=codes["exp"], pose=codes["pose"], eye_pose=codes["eye_pose"])
     pixels = (weak_perspective(out.landmarks, codes["cam"]) + 1) * 0.5 * (32 - 1)
-    assert np.abs(pixels.numpy() - np.load(base + ".landmarks.npy")).max() < 1e-3
+    assert np.abs(pixels.numpy() - np.load(base + ".landmarks.npy")[:, :68]).max() < 1e-3
 
 
 def test_codes_with_albedo_and_light_re_render_the_face_region(small_dataset):
@@ -131,7 +134,7 @@ def test_interrupted_generation_leaves_nothing(tmp_path, monkeypatch):
 def _landmark_hits(renderer, identity, motion, scene):
     """Head coverage at the rounded landmark pixels (exact, and within one pixel) and whether
     the frame colour there differs from the background."""
-    frames, landmarks, head_mask = renderer.render_clip(identity, motion, scene)
+    frames, landmarks, head_mask, _ = renderer.render_clip(identity, motion, scene)
     size = renderer.size
     background = torch.tensor(scene["background"]).permute(2, 0, 1)[None]
     background = F.avg_pool2d(background, renderer.supersample)[0].permute(1, 2, 0).numpy()
@@ -151,13 +154,13 @@ def test_landmarks_land_on_the_rendered_face():
     identity, scene = renderer.sample_identity(rng), renderer.sample_scene(rng)
     motion = sample_motion(rng, 12, renderer.n_exp, identity["scale"])     # turns up to ~40 degrees
     on_head, near_head, differs = _landmark_hits(renderer, identity, motion, scene)
-    assert on_head.shape == (12, 68)
+    assert on_head.shape == (12, 74)
     # turned heads put a few far-side points on the silhouette (or just behind it, as iBUG
     # annotations do): nearly all are on the face, all within a pixel of it
     assert (on_head > 0).mean() > 0.93 and differs.mean() > 0.93 and (near_head > 0).all()
     motion["pose"][:, :3] = 0                                               # facing the camera
     on_head, near_head, differs = _landmark_hits(renderer, identity, motion, scene)
-    assert (on_head[:, 17:] > 0.5).all() and differs[:, 17:].all()         # inner 51: on the face
+    assert (on_head[:, 17:] > 0.5).all() and differs[:, 17:].all()   # inner 51, lids, pupils
     assert (near_head[:, :17] > 0).all() and differs.mean() > 0.97          # jaw line: its outline
 
 
