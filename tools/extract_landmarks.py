@@ -24,8 +24,9 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from evaluation.backends import Skipped, first_available  # noqa: E402
-from datasets.video_io import VideoReader, describe_error, temporary_path  # noqa: E402
-from tools.video_io import find_inputs, relative_stem  # noqa: E402
+from datasets.video_io import VideoReader, describe_error  # noqa: E402
+from tools import video_io  # noqa: E402
+from tools.video_io import find_inputs, write_atomically  # noqa: E402
 
 log = logging.getLogger("tools.extract_landmarks")
 SUFFIX = ".landmarks.npy"
@@ -33,10 +34,7 @@ SUFFIX = ".landmarks.npy"
 
 def sidecar_path(path, input_root, output_root=None):
     """Where the landmarks of video or frame folder ``path`` go."""
-    if output_root is None:
-        path = os.path.abspath(path)
-        return os.path.join(os.path.dirname(path), relative_stem(path, path) + SUFFIX)
-    return os.path.join(output_root, relative_stem(path, input_root) + SUFFIX)
+    return video_io.sidecar_path(path, input_root, output_root, SUFFIX)
 
 
 def landmarks_of(path, landmarker, batch_size=8, progress=False):
@@ -58,15 +56,7 @@ def landmarks_of(path, landmarker, batch_size=8, progress=False):
 
 
 def save_atomically(path, array):
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    temp = temporary_path(path)
-    try:
-        with open(temp, "wb") as handle:
-            np.save(handle, array)
-        os.replace(temp, path)
-    finally:
-        if os.path.exists(temp):
-            os.remove(temp)
+    write_atomically(path, lambda handle: np.save(handle, array))
 
 
 def extract_folder(input_path, landmarker, output_root=None, overwrite=False, batch_size=8,

@@ -5,7 +5,7 @@ order).
 """
 import os
 
-from datasets.video_io import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, natural_key
+from datasets.video_io import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, natural_key, temporary_path
 
 
 def image_files(folder):
@@ -45,6 +45,29 @@ def relative_stem(path, root):
     if path == root:
         return strip_video_extension(os.path.basename(path))
     return strip_video_extension(os.path.relpath(path, root))
+
+
+def sidecar_path(path, input_root, output_root, suffix):
+    """Where the sidecar ``<stem><suffix>`` of video or frame folder ``path`` goes: beside it, or
+    under ``output_root`` keeping its layout relative to ``input_root``."""
+    if output_root is None:
+        path = os.path.abspath(path)
+        return os.path.join(os.path.dirname(path), relative_stem(path, path) + suffix)
+    return os.path.join(output_root, relative_stem(path, input_root) + suffix)
+
+
+def write_atomically(path, write):
+    """Call ``write(binary file)`` on a temporary file beside ``path``, then rename it onto
+    ``path``: an existing file at ``path`` is always a complete one."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    temp = temporary_path(path)
+    try:
+        with open(temp, "wb") as handle:
+            write(handle)
+        os.replace(temp, path)
+    finally:
+        if os.path.exists(temp):
+            os.remove(temp)
 
 
 def remove_stale_temporaries(directory, stem):
