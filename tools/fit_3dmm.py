@@ -83,7 +83,7 @@ def load_tdmm(checkpoint, device="cpu", flame_dir=None):
         raise ValueError(f"--checkpoint {checkpoint} holds a {state.get('model')!r} model; "
                          "fitting needs a 'tdmm' checkpoint (configs/pretrain-3dmm.yaml)")
     params = state.get("model_params", {})
-    tdmm_params = dict(TDMM_PARAMS, **params.get("tdmm_params", {}), imagenet_init=False)
+    tdmm_params = {**TDMM_PARAMS, **params.get("tdmm_params", {}), "imagenet_init": False}
     flame_params = dict(FLAME_PARAMS, **params.get("flame_params", {}))
     if flame_dir is not None:
         flame_params["model_dir"] = flame_dir
@@ -94,20 +94,35 @@ def load_tdmm(checkpoint, device="cpu", flame_dir=None):
 
 
 # ----------------------------------------------------------------------------- per frame
-def refine_codes(face_model, codes, landmarks, steps, lr=1e-2, weights=None):
+def refine_codes(face_model, codes, landmarks, steps, lr=3e-2, weights=None):
     """Codes after ``steps`` Adam steps on each frame's landmark reprojection loss plus the code
     regularization (``face_kit.tdmm_loss``); ``landmarks`` B x 68 x 2 normalized, NaN rows are
-    ignored. Frames are independent: the loss is summed over them."""
+    ignored. Frames are independent: the loss is summed over them.
+
+    The camera is optimized as log(s) and the image position s * t of the model origin, so one
+    learning rate suits every variable: a step of ``lr`` is a relative change of the scale, a
+    shift in normalized image units, radians of pose, or units of the code coefficients.
+    """
     weights = weights or TDMM_LOSS_WEIGHTS
-    fields = {name: value.detach().clone().requires_grad_(True) for name, value in codes.fields()}
-    optimizer = torch.optim.Adam(fields.values(), lr=lr)
+    scale, trans = codes.cam[:, :1], codes.cam[:, 1:3]
+    variables = {name: value.detach().clone() for name, value in codes.fields() if name != "cam"}
+    variables.update(log_scale=scale.log().detach(), position=(scale * trans).detach())
+    for value in variables.values():
+        value.requires_grad_(True)
+
+    def current():
+        fields = {k: v for k, v in variables.items() if k not in ("log_scale", "position")}
+        s = variables["log_scale"].exp()
+        return FaceCodes(**fields, cam=torch.cat([s, variables["position"] / s], dim=1))
+
+    optimizer = torch.optim.Adam(variables.values(), lr=lr)
     with torch.enable_grad():
         for _ in range(steps):
-            loss = tdmm_loss(face_model, FaceCodes(**fields), landmarks, weights) * len(landmarks)
+            loss = tdmm_loss(face_model, current(), landmarks, weights) * len(landmarks)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-    return FaceCodes(**{name: value.detach() for name, value in fields.items()})
+    return current().detach()
 
 
 def frames_to_images(frames, size=None):
@@ -120,7 +135,7 @@ class Fitter:
     """Codes of batches of frames: encoder, then the optional landmark refinement."""
 
     def __init__(self, encoder, face_model, device="cpu", size=None, refine_steps=0,
-                 refine_lr=1e-2):
+                 refine_lr=3e-2):
         self.encoder, self.face_model, self.device = encoder, face_model, device
         self.size, self.refine_steps, self.refine_lr = size, refine_steps, refine_lr
 
@@ -281,7 +296,8 @@ def parse_args(argv=None):
     parser.add_argument("--detector", default="auto", choices=["auto", "fan", "dlib"])
     parser.add_argument("--refine-steps", type=int, default=0,
                         help="Adam steps per frame on the landmark loss (0: no refinement)")
-    parser.add_argument("--refine-lr", type=float, default=1e-2)
+    parser.add_argument("--refine-lr", type=float, default=3e-2,
+                        help="Adam learning rate of the refinement")
     parser.add_argument("--no-smooth", action="store_true", help="keep the per-frame codes")
     parser.add_argument("--min-cutoff", type=float, default=1.0, help="One-Euro cut-off at rest (Hz)")
     parser.add_argument("--beta", type=float, default=0.5, help="One-Euro speed coefficient")
