@@ -45,14 +45,14 @@ from tqdm import tqdm
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from datasets.video_io import VideoReader, describe_error  # noqa: E402
+from datasets.video_io import VideoReader  # noqa: E402
 from flame.codes import FaceCodes  # noqa: E402
 from modules.coords import pixels_to_normalized, resize_map  # noqa: E402
 from modules.face_kit import (FLAME_PARAMS, TDMM_LOSS_WEIGHTS, TDMM_PARAMS,  # noqa: E402
                               build_face_model, build_tdmm_encoder, load_pretrained_tdmm, tdmm_loss)
 from modules.one_euro import hold_last_valid, smooth_sequence  # noqa: E402
 from tools import video_io  # noqa: E402
-from tools.video_io import find_inputs, write_atomically  # noqa: E402
+from tools.video_io import find_inputs, for_each_video, log_summary, write_atomically  # noqa: E402
 
 log = logging.getLogger("tools.fit_3dmm")
 SUFFIX = ".flame.npz"
@@ -260,28 +260,20 @@ def fit_folder(input_path, fitter, landmark_source, output_root=None, overwrite=
                batch_size=16, fps=None, smoothing=None, extra_info=None, progress=True):
     """Sidecars for every video under ``input_path``; returns ``{video: status}`` where status is
     'done', 'skipped' (complete sidecar there) or 'error: ...'."""
-    summary = {}
-    for path in tqdm(find_inputs(input_path), desc="videos", unit="video", disable=not progress):
-        target = sidecar_path(path, input_path, output_root)
-        try:
-            if not overwrite and sidecar_complete(target, len(VideoReader(path))):
-                summary[path] = "skipped"
-                continue
-            arrays, info = fit_video(path, fitter, landmark_source, batch_size, fps, smoothing,
-                                     progress)
-        except (KeyboardInterrupt, MemoryError):
-            raise
-        except Exception as error:  # unreadable video, no face, bad landmark sidecar, ...
-            summary[path] = f"error: {describe_error(error)}"
-            log.warning("skipped %s: %s", path, summary[path][len("error: "):])
-            continue
+
+    def process(path, target):
+        arrays, info = fit_video(path, fitter, landmark_source, batch_size, fps, smoothing,
+                                 progress)
         missing = int((~arrays["found"]).sum())
         if missing:
             log.info("%s: no face in %d of %d frames (found = False, codes held)", path, missing,
                      len(arrays["found"]))
         write_sidecar(target, arrays, dict(info, **(extra_info or {})))
-        summary[path] = "done"
-    return summary
+
+    return for_each_video(
+        input_path, lambda path: sidecar_path(path, input_path, output_root),
+        lambda path, target: not overwrite and sidecar_complete(target, len(VideoReader(path))),
+        process, log, progress)
 
 
 # ----------------------------------------------------------------------------- command line
@@ -350,11 +342,7 @@ def main(argv=None):
              "refine_lr": args.refine_lr, "size": args.size}
     summary = fit_folder(args.input, fitter, landmark_source, args.output, args.overwrite,
                          args.batch_size, args.fps, smoothing, extra, progress=not args.no_progress)
-    failed = sum(1 for status in summary.values() if status.startswith("error"))
-    log.info("%d video(s): %d written, %d already done, %d failed", len(summary),
-             sum(1 for s in summary.values() if s == "done"),
-             sum(1 for s in summary.values() if s == "skipped"), failed)
-    return 1 if failed == len(summary) else 0
+    return 1 if log_summary(log, summary) == len(summary) else 0
 
 
 if __name__ == "__main__":

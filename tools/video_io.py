@@ -3,9 +3,13 @@
 A video is a file (``.mp4``, ``.mov``, ``.gif``, ...) or a folder of images (its frames, in natural
 order).
 """
+import logging
 import os
 
-from datasets.video_io import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, natural_key, temporary_path
+from tqdm import tqdm
+
+from datasets.video_io import (IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, describe_error, natural_key,
+                               temporary_path)
 
 
 def image_files(folder):
@@ -68,6 +72,39 @@ def write_atomically(path, write):
     finally:
         if os.path.exists(temp):
             os.remove(temp)
+
+
+def for_each_video(input_path, target_of, is_done, process, log=logging.getLogger("tools"),
+                   progress=True):
+    """The resumable loop of the sidecar tools: for each input under ``input_path``, with
+    ``target = target_of(path)``, skip it when ``is_done(path, target)``, else
+    ``process(path, target)`` (which writes the target). A failing input is logged and the others
+    go on. Returns ``{input: status}``: 'done', 'skipped' or 'error: ...'."""
+    summary = {}
+    for path in tqdm(find_inputs(input_path), desc="videos", unit="video", disable=not progress):
+        target = target_of(path)
+        try:
+            if is_done(path, target):
+                summary[path] = "skipped"
+                continue
+            process(path, target)
+        except (KeyboardInterrupt, MemoryError):
+            raise
+        except Exception as error:  # corrupt file, unreadable codec, no face, bad sidecar, ...
+            summary[path] = f"error: {describe_error(error)}"
+            log.warning("skipped %s: %s", path, summary[path][len("error: "):])
+            continue
+        summary[path] = "done"
+    return summary
+
+
+def log_summary(log, summary):
+    """One line of counts; returns the number of failed inputs."""
+    failed = sum(1 for status in summary.values() if status.startswith("error"))
+    log.info("%d input(s): %d written, %d already done, %d failed", len(summary),
+             sum(1 for s in summary.values() if s == "done"),
+             sum(1 for s in summary.values() if s == "skipped"), failed)
+    return failed
 
 
 def remove_stale_temporaries(directory, stem):
