@@ -161,6 +161,13 @@ def test_resume_skips_complete_sidecars_and_redoes_broken_ones(videos, fitted_mo
     assert sidecar_complete(target, len(VideoReader(video)))
     assert run(root, fitted_models, overwrite=True) == {video: "done"}
     assert not [n for n in os.listdir(root) if ".tmp" in n]      # no temporaries left behind
+    # a complete sidecar written by something else (no 'found') is kept
+    frames = len(VideoReader(video))
+    np.savez(target, **{k: np.zeros((frames, n), np.float32)
+                        for k, n in (("shape", 3), ("exp", 2), ("pose", 6), ("cam", 3))})
+    assert run(root, fitted_models) == {video: "skipped"}
+    np.savez(target, **{k: np.zeros((frames - 1, 3), np.float32) for k in CODE_KEYS})
+    assert run(root, fitted_models) == {video: "done"}          # one row short: redone
 
 
 def test_command_line_exit_status(videos, checkpoint, tmp_path, caplog):

@@ -29,7 +29,8 @@ those frames out. A video with no face in any frame, or one that cannot be read,
 no sidecar); the others still run, and the exit status is non-zero only when every input failed.
 
 Resumable: sidecars are written to a temporary file and renamed once complete; a sidecar that
-exists, loads and has one row per frame is skipped (``--overwrite`` redoes it).
+exists, loads and has one row of codes per frame is skipped (``--overwrite`` redoes it), whoever
+wrote it.
 """
 import argparse
 import json
@@ -159,13 +160,15 @@ def sidecar_path(path, input_root, output_root=None):
 
 
 def sidecar_complete(path, num_frames):
-    """The sidecar at ``path`` exists, loads without pickles and has one row per frame."""
+    """The sidecar at ``path`` exists, loads without pickles and has one row of codes per frame
+    (and of ``found`` when it has one: FLAME sidecars from elsewhere, e.g. the synthetic
+    dataset's ground truth, count as complete and are never overwritten without --overwrite)."""
     if not os.path.isfile(path):
         return False
     try:
         with np.load(path, allow_pickle=False) as data:
-            return all(key in data.files and data[key].shape[:1] == (num_frames,)
-                       for key in SIDECAR_KEYS)
+            keys = [key for key in SIDECAR_KEYS if key in data.files or key in CODE_KEYS]
+            return all(key in data.files and data[key].shape[:1] == (num_frames,) for key in keys)
     except (OSError, ValueError, EOFError, zipfile.BadZipFile):
         return False
 
