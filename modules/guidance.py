@@ -65,9 +65,9 @@ def with_source_shape(source, driving):
 
 def mean_face(face_model):
     """V x 3 vertices of the face model at zero shape, expression and pose."""
-    parameter = next(iter(face_model.buffers()))
+    buffer = next(iter(face_model.buffers()))
     codes = FaceCodes.zeros(1, n_shape=face_model.n_shape, n_exp=face_model.n_exp,
-                            device=parameter.device)
+                            device=buffer.device)
     with torch.no_grad():
         return face_model(codes).vertices[0]
 
