@@ -142,8 +142,12 @@ class FLAME(nn.Module):
     """FLAME decoder: codes -> vertices, landmarks, joints.
 
     Build it with :meth:`open_head` (the open stand-in, no registration) or :meth:`from_assets`
-    (the real FLAME 2020 files in DECA's folder layout).
+    (the real FLAME 2020 files in DECA's folder layout). Its arrays are constants read from those
+    files: buffers kept out of state dicts, so checkpoints never carry (licensed) model data.
     """
+
+    def _constant(self, name, value):
+        self.register_buffer(name, value, persistent=False)
 
     def __init__(self, model, landmark_embedding, n_shape=100, n_exp=50, template=None,
                  face_mask=None, shape_components_in_file=SHAPE_COMPONENTS_IN_FILE, albedo=None,
@@ -165,12 +169,12 @@ class FLAME(nn.Module):
         regressor = regressor.toarray() if hasattr(regressor, "toarray") else np.asarray(regressor)
         parents = np.asarray(model["kintree_table"])[0].astype(np.int64)
         parents[0] = -1                                  # FLAME stores the root's parent as 2**32-1
-        self.register_buffer("v_template", f32(model["v_template"]))
-        self.register_buffer("shapedirs", f32(basis))                        # V x 3 x (n_shape+n_exp)
-        self.register_buffer("posedirs", f32(posedirs.reshape(-1, posedirs.shape[-1]).T))  # P x 3V
-        self.register_buffer("J_regressor", f32(regressor))
-        self.register_buffer("lbs_weights", f32(model["weights"]))
-        self.register_buffer("faces", torch.as_tensor(np.asarray(model["f"]).astype(np.int64)))
+        self._constant("v_template", f32(model["v_template"]))
+        self._constant("shapedirs", f32(basis))                        # V x 3 x (n_shape+n_exp)
+        self._constant("posedirs", f32(posedirs.reshape(-1, posedirs.shape[-1]).T))  # P x 3V
+        self._constant("J_regressor", f32(regressor))
+        self._constant("lbs_weights", f32(model["weights"]))
+        self._constant("faces", torch.as_tensor(np.asarray(model["f"]).astype(np.int64)))
         self.parents = [int(p) for p in parents]
         self._register_landmarks(landmark_embedding)
         self._register_uv(template, face_mask)
@@ -199,23 +203,23 @@ class FLAME(nn.Module):
     def _register_landmarks(self, emb):
         long = lambda a: torch.as_tensor(np.asarray(a).astype(np.int64))  # noqa: E731
         f32 = lambda a: torch.as_tensor(np.asarray(a, dtype=np.float32))  # noqa: E731
-        self.register_buffer("static_lmk_faces_idx", long(emb["static_lmk_faces_idx"]).reshape(-1))
-        self.register_buffer("static_lmk_bary_coords",
+        self._constant("static_lmk_faces_idx", long(emb["static_lmk_faces_idx"]).reshape(-1))
+        self._constant("static_lmk_bary_coords",
                              f32(emb["static_lmk_bary_coords"]).reshape(-1, 3))
-        self.register_buffer("dynamic_lmk_faces_idx", long(emb["dynamic_lmk_faces_idx"]))  # 79 x 17
-        self.register_buffer("dynamic_lmk_bary_coords", f32(emb["dynamic_lmk_bary_coords"]))
-        self.register_buffer("full_lmk_faces_idx", long(emb["full_lmk_faces_idx"]).reshape(-1))
-        self.register_buffer("full_lmk_bary_coords", f32(emb["full_lmk_bary_coords"]).reshape(-1, 3))
+        self._constant("dynamic_lmk_faces_idx", long(emb["dynamic_lmk_faces_idx"]))  # 79 x 17
+        self._constant("dynamic_lmk_bary_coords", f32(emb["dynamic_lmk_bary_coords"]))
+        self._constant("full_lmk_faces_idx", long(emb["full_lmk_faces_idx"]).reshape(-1))
+        self._constant("full_lmk_bary_coords", f32(emb["full_lmk_bary_coords"]).reshape(-1, 3))
 
     def _register_uv(self, template, face_mask):
         if template is not None and len(template.get("ft", [])):
-            self.register_buffer("uv_coords", torch.as_tensor(template["vt"], dtype=torch.float32))
-            self.register_buffer("uv_faces", torch.as_tensor(template["ft"], dtype=torch.int64))
+            self._constant("uv_coords", torch.as_tensor(template["vt"], dtype=torch.float32))
+            self._constant("uv_faces", torch.as_tensor(template["ft"], dtype=torch.int64))
         else:
             self.uv_coords = self.uv_faces = None
         if face_mask is not None:
             mask = torch.as_tensor(face_mask, dtype=torch.float32)[None, None]
-            self.register_buffer("uv_face_mask", mask)
+            self._constant("uv_face_mask", mask)
         else:
             self.uv_face_mask = None
 
@@ -236,8 +240,8 @@ class FLAME(nn.Module):
             raise ValueError(f"the albedo model has {basis.shape[0]} vertices, the mesh "
                              f"{self.num_vertices}")
         f32 = lambda a: torch.as_tensor(np.asarray(a, dtype=np.float32))  # noqa: E731
-        self.register_buffer("albedo_mean", f32(albedo["mean"]), persistent=False)      # V x 3
-        self.register_buffer("albedo_basis", f32(basis[..., :n_tex]), persistent=False)  # V x 3 x n
+        self._constant("albedo_mean", f32(albedo["mean"]))      # V x 3
+        self._constant("albedo_basis", f32(basis[..., :n_tex]))  # V x 3 x n
         self.n_tex = n_tex
 
     # .................................................................. properties

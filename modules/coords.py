@@ -71,6 +71,14 @@ def normalized_to_pixels(points, height, width):
     return (points + 1.0) * 0.5 * scale
 
 
+def displacement_to_flow(displacement):
+    """A displacement map ``B x 2 x H x W`` (normalized offsets, x then y) as the backward flow
+    ``B x H x W x 2`` it defines: identity grid + displacement."""
+    grid = make_coordinate_grid(*displacement.shape[-2:], dtype=displacement.dtype,
+                                device=displacement.device)
+    return grid[None] + displacement.permute(0, 2, 3, 1)
+
+
 def resize_flow(flow, size, align_corners=None):
     """``B x H x W x 2`` flow bilinearly resampled to ``size`` (values are coordinates: unchanged)."""
     if tuple(flow.shape[1:3]) == tuple(size):

@@ -107,7 +107,7 @@ class Renderer(nn.Module):
 
     def __init__(self, faces, image_size=64, cull_backfaces=True, tile=None):
         super().__init__()
-        self.register_buffer("faces", torch.as_tensor(faces, dtype=torch.int64))
+        self.register_buffer("faces", torch.as_tensor(faces, dtype=torch.int64), persistent=False)
         self.image_size = image_size
         self.cull_backfaces = cull_backfaces
         self.tile = tile

@@ -24,8 +24,9 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from modules.backends import Skipped, first_available  # noqa: E402
-from datasets.video_io import VideoReader, describe_error, temporary_path  # noqa: E402
-from tools.video_io import find_inputs, relative_stem  # noqa: E402
+from datasets.video_io import VideoReader  # noqa: E402
+from tools import video_io  # noqa: E402
+from tools.video_io import for_each_video, log_summary, write_atomically  # noqa: E402
 
 log = logging.getLogger("tools.extract_landmarks")
 SUFFIX = ".landmarks.npy"
@@ -33,10 +34,7 @@ SUFFIX = ".landmarks.npy"
 
 def sidecar_path(path, input_root, output_root=None):
     """Where the landmarks of video or frame folder ``path`` go."""
-    if output_root is None:
-        path = os.path.abspath(path)
-        return os.path.join(os.path.dirname(path), relative_stem(path, path) + SUFFIX)
-    return os.path.join(output_root, relative_stem(path, input_root) + SUFFIX)
+    return video_io.sidecar_path(path, input_root, output_root, SUFFIX)
 
 
 def landmarks_of(path, landmarker, batch_size=8, progress=False):
@@ -58,41 +56,24 @@ def landmarks_of(path, landmarker, batch_size=8, progress=False):
 
 
 def save_atomically(path, array):
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    temp = temporary_path(path)
-    try:
-        with open(temp, "wb") as handle:
-            np.save(handle, array)
-        os.replace(temp, path)
-    finally:
-        if os.path.exists(temp):
-            os.remove(temp)
+    write_atomically(path, lambda handle: np.save(handle, array))
 
 
 def extract_folder(input_path, landmarker, output_root=None, overwrite=False, batch_size=8,
                    progress=True):
     """Landmark sidecars for every input below ``input_path``; returns ``{input: status}`` where
     status is ``'done'``, ``'skipped'`` (already there) or ``'error: ...'``."""
-    summary = {}
-    for path in tqdm(find_inputs(input_path), desc="videos", unit="video", disable=not progress):
-        target = sidecar_path(path, input_path, output_root)
-        if os.path.isfile(target) and not overwrite:
-            summary[path] = "skipped"
-            continue
-        try:
-            points = landmarks_of(path, landmarker, batch_size, progress)
-        except (KeyboardInterrupt, MemoryError):
-            raise
-        except Exception as error:  # corrupt file, unreadable codec, unreadable image, ...
-            summary[path] = f"error: {describe_error(error)}"
-            log.warning("skipped %s: %s", path, summary[path][len("error: "):])
-            continue
+
+    def process(path, target):
+        points = landmarks_of(path, landmarker, batch_size, progress)
         missing = int((~np.isfinite(points).all(axis=(1, 2))).sum())
         if missing:
             log.info("%s: no face in %d of %d frames (NaN rows)", path, missing, len(points))
         save_atomically(target, points)
-        summary[path] = "done"
-    return summary
+
+    return for_each_video(input_path, lambda path: sidecar_path(path, input_path, output_root),
+                          lambda path, target: os.path.isfile(target) and not overwrite,
+                          process, log, progress)
 
 
 def parse_args(argv=None):
@@ -119,10 +100,7 @@ def main(argv=None):
     log.info("landmarks: %s", landmarker.name)
     summary = extract_folder(args.input, landmarker, args.output, args.overwrite, args.batch_size,
                              progress=not args.no_progress)
-    errors = sum(1 for s in summary.values() if s.startswith("error"))
-    log.info("%d input(s): %d written, %d already done, %d failed", len(summary),
-             sum(1 for s in summary.values() if s == "done"),
-             sum(1 for s in summary.values() if s == "skipped"), errors)
+    log_summary(log, summary)
     return 0
 
 

@@ -3,9 +3,13 @@
 A video is a file (``.mp4``, ``.mov``, ``.gif``, ...) or a folder of images (its frames, in natural
 order).
 """
+import logging
 import os
 
-from datasets.video_io import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, natural_key
+from tqdm import tqdm
+
+from datasets.video_io import (IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, describe_error, natural_key,
+                               temporary_path)
 
 
 def image_files(folder):
@@ -45,6 +49,62 @@ def relative_stem(path, root):
     if path == root:
         return strip_video_extension(os.path.basename(path))
     return strip_video_extension(os.path.relpath(path, root))
+
+
+def sidecar_path(path, input_root, output_root, suffix):
+    """Where the sidecar ``<stem><suffix>`` of video or frame folder ``path`` goes: beside it, or
+    under ``output_root`` keeping its layout relative to ``input_root``."""
+    if output_root is None:
+        path = os.path.abspath(path)
+        return os.path.join(os.path.dirname(path), relative_stem(path, path) + suffix)
+    return os.path.join(output_root, relative_stem(path, input_root) + suffix)
+
+
+def write_atomically(path, write):
+    """Call ``write(binary file)`` on a temporary file beside ``path``, then rename it onto
+    ``path``: an existing file at ``path`` is always a complete one."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    temp = temporary_path(path)
+    try:
+        with open(temp, "wb") as handle:
+            write(handle)
+        os.replace(temp, path)
+    finally:
+        if os.path.exists(temp):
+            os.remove(temp)
+
+
+def for_each_video(input_path, target_of, is_done, process, log=logging.getLogger("tools"),
+                   progress=True):
+    """The resumable loop of the sidecar tools: for each input under ``input_path``, with
+    ``target = target_of(path)``, skip it when ``is_done(path, target)``, else
+    ``process(path, target)`` (which writes the target). A failing input is logged and the others
+    go on. Returns ``{input: status}``: 'done', 'skipped' or 'error: ...'."""
+    summary = {}
+    for path in tqdm(find_inputs(input_path), desc="videos", unit="video", disable=not progress):
+        target = target_of(path)
+        try:
+            if is_done(path, target):
+                summary[path] = "skipped"
+                continue
+            process(path, target)
+        except (KeyboardInterrupt, MemoryError):
+            raise
+        except Exception as error:  # corrupt file, unreadable codec, no face, bad sidecar, ...
+            summary[path] = f"error: {describe_error(error)}"
+            log.warning("skipped %s: %s", path, summary[path][len("error: "):])
+            continue
+        summary[path] = "done"
+    return summary
+
+
+def log_summary(log, summary):
+    """One line of counts; returns the number of failed inputs."""
+    failed = sum(1 for status in summary.values() if status.startswith("error"))
+    log.info("%d input(s): %d written, %d already done, %d failed", len(summary),
+             sum(1 for s in summary.values() if s == "done"),
+             sum(1 for s in summary.values() if s == "skipped"), failed)
+    return failed
 
 
 def remove_stale_temporaries(directory, stem):
