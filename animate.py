@@ -89,65 +89,153 @@ def _indexed_batches(reader, batch_size):
         start += len(chunk)
 
 
+def frames_to_batch(frames, device):
+    """A list of H x W x 3 uint8 frames -> B x 3 x H x W float in [0, 1] on ``device``."""
+    return torch.stack([image_to_tensor(f) for f in frames]).to(device)
+
+
+class DrivingVideo:
+    """What drives an animation, here the frames of a video (models whose ``driving_signal`` is
+    'frames'). A driving source has a length, an fps, optionally an audio source, and yields the
+    model's driving states batch by batch; other sources (landmark files, edit sequences) give
+    the same four things."""
+
+    def __init__(self, path, frame_size, default_fps=25.0):
+        self.path = path
+        self.reader = VideoReader(path, frame_size)
+        self.fps = self.reader.fps or default_fps   # frame folders and stacked images have none
+        self.audio_source = path
+
+    def __len__(self):
+        return len(self.reader)
+
+    def states(self, model, batch_size, device):
+        for chunk in batched(iter(self.reader), batch_size):
+            yield model.encode_driving(frames_to_batch(chunk, device))
+
+    def reference_state(self, model, index, device):
+        return model.encode_driving(frames_to_batch([self.reader[index]], device))
+
+    def find_reference(self, model, source_state, source_array, batch_size, device, detector):
+        return find_reference_frame(model, source_state, source_array, self.reader, device,
+                                    batch_size, detector)
+
+    def close(self):
+        self.reader.close()
+
+
+class EditSequence:
+    """Driving by edits of the source itself (no driving video): each element is the source with
+    one :class:`modules.editing.FaceEdit` applied, rendered through ``model.edit`` (models with
+    an explicit head pose and expression). Always absolute: the edits say where the head goes."""
+
+    audio_source = None
+
+    def __init__(self, edits, fps=25.0):
+        if not edits:
+            raise ValueError("an edit sequence needs at least one edit")
+        self.edits, self.fps = list(edits), fps
+        self.source_state = None    # set by animate() before states() is asked for
+
+    def __len__(self):
+        return len(self.edits)
+
+    def states(self, model, batch_size, device):
+        for start in range(0, len(self.edits), batch_size):
+            yield model.edit(self.source_state, self.edits[start:start + batch_size])
+
+    def reference_state(self, model, index, device):
+        raise ValueError("an edit sequence animates absolutely (the edits place the head); "
+                         "use --absolute")
+
+    def close(self):
+        pass
+
+
+def edit_sequence_from_args(edit=None, sweep=None, fps=25.0):
+    """The ``--edit`` / ``--edit_sweep`` command-line forms as an :class:`EditSequence`:
+    ``--edit "yaw=0,pitch=0"`` (one frame: frontalize) and ``--edit_sweep "yaw:-30:30:61"``
+    (name:start:stop:steps, on top of ``--edit`` when both are given)."""
+    from modules.editing import FaceEdit, parse_edit, sweep_edits
+    base = parse_edit(edit) if edit else FaceEdit()
+    if not sweep:
+        return EditSequence([base], fps)
+    try:
+        name, start, stop, steps = sweep.split(":")
+        edits = sweep_edits(name, float(start), float(stop), int(steps), base)
+    except ValueError as error:
+        raise ValueError(f"--edit_sweep {sweep!r}: {error} (expected name:start:stop:steps, "
+                         "e.g. yaw:-30:30:61)") from None
+    return EditSequence(edits, fps)
+
+
+def load_source(source_image, size):
+    """A path or an H x W x C uint8 array (any size; gray/RGBA converted) -> H x W x 3 uint8."""
+    if isinstance(source_image, str):
+        return read_image(source_image, size)
+    from datasets.video_io import to_rgb_uint8
+    return to_rgb_uint8(source_image, "source image", size)
+
+
+def choose_reference(driving, model, source_state, source_array, relative, best_frame,
+                     find_best_frame, best_frame_by, batch_size, device):
+    """Index of the driving element relative motion is measured from (0 by default)."""
+    if best_frame is not None:
+        if not 0 <= best_frame < len(driving):
+            raise ValueError(f"--best_frame {best_frame} is outside the driving sequence "
+                             f"(0..{len(driving) - 1})")
+        return best_frame
+    if find_best_frame and relative and hasattr(driving, "find_reference"):
+        return driving.find_reference(model, source_state, source_array, batch_size, device,
+                                      landmark_detector(best_frame_by))
+    return 0
+
+
 @torch.no_grad()
-def animate(model, source_image, driving_video, output_path, relative=True, adapt_scale=False,
+def animate(model, source_image, driving, output_path, relative=True, adapt_scale=False,
             best_frame=None, find_best_frame=False, device=None, batch_size=8, default_fps=25.0,
             progress=True, best_frame_by="auto"):
     """Write ``output_path``; returns a dict with frame count, fps, reference frame and audio flag.
 
-    ``source_image`` is a path or an H x W x C uint8 array (any size; gray/RGBA converted).
-    ``best_frame_by``: how ``find_best_frame`` compares frames: 'landmarks' (a face landmark
-    detector), 'model' (the model's pose descriptor) or 'auto' (landmarks when a detector loads).
+    ``source_image``: a path or an H x W x C uint8 array. ``driving``: a video path or a driving
+    source object (see :class:`DrivingVideo`). ``best_frame_by``: how ``find_best_frame``
+    compares frames: 'landmarks' (a face landmark detector), 'model' (the model's pose
+    descriptor) or 'auto' (landmarks when a detector loads).
     """
     device = device or next(model.parameters()).device
     model.eval()
     size = model_frame_size(model)
-    if isinstance(source_image, str):
-        source_array = read_image(source_image, size)
-    else:
-        from datasets.video_io import to_rgb_uint8
-        source_array = to_rgb_uint8(source_image, "source image", size)
-    source = image_to_tensor(source_array)[None].to(device)
-    source_state = model.encode_source(source)
-    reader = VideoReader(driving_video, size)
-    total = len(reader)
-    if best_frame is not None:
-        if not 0 <= best_frame < total:
-            raise ValueError(f"--best_frame {best_frame} is outside the driving video "
-                             f"{driving_video} (frames 0..{total - 1})")
-        reference_index = best_frame
-    elif find_best_frame and relative:
-        reference_index = find_reference_frame(model, source_state, source_array, reader, device,
-                                               batch_size, landmark_detector(best_frame_by))
-    else:
-        reference_index = 0
-    reference_state = None
-    if relative:
-        reference = image_to_tensor(reader[reference_index])[None].to(device)
-        reference_state = model.encode_driving(reference)
-    out_fps = reader.fps or default_fps  # frame folders and stacked images have no fps
+    source_array = load_source(source_image, size)
+    source_state = model.encode_source(image_to_tensor(source_array)[None].to(device))
+    if isinstance(driving, (str, os.PathLike)):
+        driving = DrivingVideo(os.fspath(driving), size, default_fps)
+    if isinstance(driving, EditSequence):
+        driving.source_state, relative = source_state, False
     silent_path = temporary_path(output_path)  # video without audio, before muxing
     written = 0
     try:
-        with VideoWriter(silent_path, out_fps) as writer:
-            bar = tqdm(total=total, desc="animate", disable=not progress)
-            for chunk in batched(iter(reader), batch_size):
-                driving = torch.stack([image_to_tensor(f) for f in chunk]).to(device)
-                n = len(chunk)
-                out = model.generate(source_state, model.encode_driving(driving),
-                                     reference_state, relative=relative, adapt_scale=adapt_scale)
+        reference_index = choose_reference(driving, model, source_state, source_array, relative,
+                                           best_frame, find_best_frame, best_frame_by,
+                                           batch_size, device)
+        reference_state = driving.reference_state(model, reference_index, device) \
+            if relative else None
+        with VideoWriter(silent_path, driving.fps) as writer:
+            bar = tqdm(total=len(driving), desc="animate", disable=not progress)
+            for driving_state in driving.states(model, batch_size, device):
+                out = model.generate(source_state, driving_state, reference_state,
+                                     relative=relative, adapt_scale=adapt_scale)
                 for image in out["prediction"]:
                     writer.write(to_uint8_image(image))
-                written += n
-                bar.update(n)
+                written += out["prediction"].shape[0]
+                bar.update(out["prediction"].shape[0])
             bar.close()
-        audio = copy_audio(silent_path, driving_video, output_path)
+        audio = copy_audio(silent_path, driving.audio_source, output_path)
     finally:
-        reader.close()
+        driving.close()
         if os.path.exists(silent_path):
             os.remove(silent_path)
-    return {"frames": written, "fps": out_fps, "reference_frame": reference_index, "audio": audio,
-            "path": output_path}
+    return {"frames": written, "fps": driving.fps, "reference_frame": reference_index,
+            "audio": audio, "path": output_path}
 
 
 def run_animate(args, config, run_dir, device):
@@ -160,12 +248,16 @@ def run_animate(args, config, run_dir, device):
     from modules.registry import build_model
     model = build_model(config, args.checkpoint, device)
     out_dir = os.path.join(run_dir, "animation")
-    if args.source_image or args.driving_video:
-        if not (args.source_image and args.driving_video):
-            raise ValueError("animate needs both --source_image and --driving_video (or neither, "
-                             "to animate the test set's pairs)")
+    editing = args.edit or args.edit_sweep
+    if args.source_image or args.driving_video or editing:
+        if not args.source_image or bool(args.driving_video) == bool(editing):
+            raise ValueError("animate needs --source_image and either --driving_video or "
+                             "--edit/--edit_sweep (or none of them, to animate the test set's "
+                             "pairs)")
         result = args.result_video or os.path.join(out_dir, "result.mp4")
-        info = animate(model, args.source_image, args.driving_video, result, relative, adapt,
+        driving = edit_sequence_from_args(args.edit, args.edit_sweep, params["fps"]) \
+            if editing else args.driving_video
+        info = animate(model, args.source_image, driving, result, relative, adapt,
                        args.best_frame, find_best, device, params["batch_size"], params["fps"],
                        best_frame_by=params["best_frame_by"])
         print(f"animate: {info['frames']} frames at {info['fps']:.2f} fps (reference frame "

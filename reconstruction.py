@@ -11,9 +11,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from datasets.frames_dataset import image_to_tensor
+from datasets.frames_dataset import image_to_tensor, load_sidecars
 from datasets.video_io import VideoWriter, video_stem
+from flame.codes import FaceCodes
 from logger import to_uint8_image
+from modules.coords import pixels_to_normalized
 
 
 def batched(iterable, size):
@@ -27,9 +29,38 @@ def batched(iterable, size):
         yield chunk
 
 
+def video_sidecars(model, video_path):
+    """The sidecars a model's driving signal comes from (none for models driven by frames)."""
+    signal = model.driving_signal
+    if signal == "frames":
+        return {}
+    return load_sidecars(video_path, load_landmarks=signal == "landmarks",
+                         load_flame=signal == "codes")
+
+
+def driving_input(model, frames, sidecars, indices, raw_size=None):
+    """What ``model.encode_driving`` takes for these frames (its ``driving_signal``): the frames
+    (B x 3 x H x W) themselves, their landmarks from the sidecar (B x K x 2, normalized; pixel
+    coordinates of a video of ``raw_size`` (H, W) are rescaled), or their 3DMM codes."""
+    signal = model.driving_signal
+    if signal == "frames":
+        return frames
+    height, width = frames.shape[-2:]
+    if signal == "landmarks":
+        points = np.asarray(sidecars["landmarks"][indices], dtype=np.float32)
+        if raw_size is not None and tuple(raw_size) != (height, width):
+            points = points * ((np.array([width, height], np.float32) - 1)
+                               / (np.array(raw_size[::-1], np.float32) - 1))
+        return torch.as_tensor(pixels_to_normalized(points, height, width)).to(frames.device)
+    return FaceCodes.from_numpy({k: v[indices] for k, v in sidecars["flame"].items()},
+                                device=frames.device)
+
+
 @torch.no_grad()
-def reconstruct_video(model, reader, device, batch_size=8, writer=None, png_dir=None):
-    """Reconstruct one video from its first frame; returns the mean L1 over its frames."""
+def reconstruct_video(model, reader, device, batch_size=8, writer=None, png_dir=None,
+                      sidecars=None):
+    """Reconstruct one video from its first frame; returns the mean L1 over its frames.
+    ``sidecars``: the video's annotations, for models not driven by frames."""
     frames = iter(reader)
     first = next(frames)
     source = image_to_tensor(first)[None].to(device)
@@ -42,7 +73,9 @@ def reconstruct_video(model, reader, device, batch_size=8, writer=None, png_dir=
 
     for chunk in batched(all_frames(), batch_size):
         driving = torch.stack([image_to_tensor(f) for f in chunk]).to(device)
-        prediction = model.generate(source_state, model.encode_driving(driving))["prediction"]
+        signal = driving_input(model, driving, sidecars, list(range(index, index + len(chunk))),
+                               reader.last_raw_size)
+        prediction = model.generate(source_state, model.encode_driving(signal))["prediction"]
         errors.append(torch.abs(prediction - driving).mean(dim=(1, 2, 3)).cpu())
         for image in prediction:
             array = to_uint8_image(image)
@@ -71,7 +104,7 @@ def reconstruct(model, dataset, out_dir, device, params):
         fps = reader.fps or params["fps"]
         with VideoWriter(os.path.join(out_dir, name + params["format"]), fps) as writer:
             l1, frames = reconstruct_video(model, reader, device, params["batch_size"], writer,
-                                           png_dir)
+                                           png_dir, video_sidecars(model, dataset.video_path(i)))
         reader.close()
         per_video[name] = {"l1": l1, "frames": frames}
     metrics = {"protocol": "same-identity reconstruction, frame 0 as source",

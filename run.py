@@ -65,6 +65,12 @@ def build_parser():
                          help="use the driving frame closest to the source as reference")
     animate.add_argument("--best_frame", type=int, default=None,
                          help="use this driving frame index as the reference")
+    animate.add_argument("--edit", default=None,
+                         help="edit the source instead of driving it (models with a head pose): "
+                         "e.g. 'yaw=0,pitch=0' (frontalize), 'yaw+=20,jaw=10,exp[3]=1.5'")
+    animate.add_argument("--edit_sweep", default=None,
+                         help="a video of the source with one value swept, name:start:stop:steps, "
+                         "e.g. yaw:-30:30:61 (on top of --edit)")
     return parser
 
 

@@ -314,9 +314,9 @@ def has_audio(path):
 def copy_audio(video_path, audio_source, output_path):
     """Mux the audio of ``audio_source`` into ``video_path`` (video stream copied) -> ``output_path``.
 
-    Returns True when audio was carried over, False when the source has none.
+    Returns True when audio was carried over, False when the source has none (or is None).
     """
-    if not has_audio(audio_source):
+    if audio_source is None or not has_audio(audio_source):
         if os.path.abspath(video_path) != os.path.abspath(output_path):
             shutil.move(video_path, output_path)
         return False

@@ -114,9 +114,12 @@ class OcclusionAwareGenerator(nn.Module):
         return torch.sigmoid(self.output_conv(out))
 
     # ------------------------------------------------------------------ forward
-    def forward(self, source_image, kp_driving, kp_source, extra_motions=None):
+    def forward(self, source_image, kp_driving, kp_source, extra_motions=None,
+                source_features=None):
+        """``source_features``: ``encode(source_image)`` computed once for many driving frames."""
         motion = self.estimate_motion(source_image, kp_driving, kp_source, extra_motions)
-        warped = self.warp_features(self.encode(source_image), motion)
+        features = source_features if source_features is not None else self.encode(source_image)
+        warped = self.warp_features(features, motion)
         prediction = self.decode(self.bottleneck(warped[-1]), warped[:-1])
         return self.outputs(source_image, motion, prediction)
 

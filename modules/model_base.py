@@ -25,6 +25,9 @@ What a model implements:
     relative_motion(source, driving, reference, adapt_scale)   the driving state, made relative
     transfer(source, driving)              {'prediction': B x 3 x H x W, ...}
     pose_descriptor(state), visuals(batch, generated)
+    edit(source, edits)                    optional: driving states showing the source edited
+                                           (modules/editing.py), for models with an explicit
+                                           head pose and expression
 
 ``generate`` is shared: it checks the states' batch sizes, expands a batch-1 source (and
 reference) over the driving batch, applies ``relative_motion`` when asked, then ``transfer``.
@@ -138,6 +141,13 @@ class AnimationModel(nn.Module):
             reference = expand_state(reference_state, batch, "reference_state")
             driving_state = self.relative_motion(source, driving_state, reference, adapt_scale)
         return self.transfer(source, driving_state)
+
+    def edit(self, source, edits):
+        """A driving state (batch ``len(edits)``) that shows the batch-1 ``source`` state with each
+        :class:`modules.editing.FaceEdit` applied (head rotation, jaw, expression, placement).
+        ``transfer(source expanded, edit(source, edits))`` renders the edited frames."""
+        raise NotImplementedError(f"model {self.name!r} has no editable head pose or expression "
+                                  "(models driven by 3DMM codes or 3D keypoints have)")
 
     def pose_descriptor(self, state):
         """B x D tensor whose distance picks the reference frame closest to the source."""

@@ -140,12 +140,14 @@ class SAFAGenerator(OcclusionAwareGenerator):
         return ExtraMotion(flow=face3d["flow_3d"], heatmap=self.heatmap_3d(face3d),
                            deformed=face3d["I_r"])
 
-    def forward(self, source_image, kp_driving, kp_source, face3d=None, condition=None):
+    def forward(self, source_image, kp_driving, kp_source, face3d=None, condition=None,
+                source_features=None):
+        """``source_features``: ``encode(source_image)`` computed once for many driving frames."""
         extra = [self.extra_motion(face3d)] if self.use_3d_motion else None
         motion = self.estimate_motion(source_image, kp_driving, kp_source, extra)
         occlusion = motion["occlusion_maps"]
         occlusion_g = occlusion[:, :1]                                    # O_g
-        features = self.encode(source_image)
+        features = source_features if source_features is not None else self.encode(source_image)
         flow = motion["deformation"]                                      # T_hat, eq. 12
         skips = [self.occlude(self.warp_feature(f, flow), occlusion_g) for f in features[:-1]] \
             if self.skip_connections else None

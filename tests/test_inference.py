@@ -190,3 +190,20 @@ def test_best_frame_found_by_face_landmarks(tmp_path):
     index = find_reference_frame(None, None, source, VideoReader(path, (128, 128)), "cpu",
                                  batch_size=2, detector=detector)
     assert index == 2
+
+
+def test_edit_sequence_needs_an_editable_model_and_is_absolute(tiny, tmp_path):
+    """--edit/--edit_sweep drive the source by edits: a model without a head pose says so; the
+    sweep's length is the video's."""
+    from animate import edit_sequence_from_args
+    config, checkpoint = tiny
+    sweep = edit_sequence_from_args("pitch=0", "yaw:-30:30:7", fps=10)
+    assert len(sweep) == 7 and [e.yaw for e in sweep.edits] == [-30, -20, -10, 0, 10, 20, 30]
+    assert all(e.pitch == 0 for e in sweep.edits)
+    with pytest.raises(ValueError, match="edit_sweep"):
+        edit_sequence_from_args(None, "yaw:-30:30")
+    model = build_model(config, checkpoint)
+    source = moving_square_frames(1, 32)[0]
+    with pytest.raises(NotImplementedError, match="no editable head pose"):
+        animate(model, source, sweep, str(tmp_path / "edit.mp4"), progress=False)
+    assert not os.path.exists(tmp_path / "edit.mp4")

@@ -187,3 +187,17 @@ def test_checkpoint_round_trip(bench, tmp_path):
     own, loaded = model.state_dict(), restored.state_dict()
     assert own.keys() == loaded.keys()
     assert all(torch.equal(own[k], loaded[k]) for k in own)
+
+
+@torch.no_grad()
+def test_cached_source_entries_change_no_result(bench):
+    """What encode_source computes once per source (e.g. the generator's encoder features) gives
+    the same frames as recomputing it for every driving frame."""
+    model = animating(bench).eval()
+    state = model.encode_source(bench.batch["source"][:1])
+    if "features" not in state:
+        pytest.skip(f"{bench.name} caches nothing beyond its inputs")
+    uncached = {k: v for k, v in state.items() if k != "features"}
+    driving = model.encode_driving(bench.batch["driving"])
+    torch.testing.assert_close(model.generate(state, driving)["prediction"],
+                               model.generate(uncached, driving)["prediction"])

@@ -50,13 +50,15 @@ class FOMM(KeypointModel):
 
     # ---------------------------------------------------------------- inference
     def encode_source(self, source):
-        return {"source": source, "kp": self.kp_detector(source)}
+        """Keypoints and the generator's encoder features: computed once per source."""
+        return {"source": source, "kp": self.kp_detector(source),
+                "features": self.generator.encode(source)}
 
     def encode_driving(self, driving):
         return {"kp": self.kp_detector(driving)}
 
     def transfer(self, source, driving):
         generated = self.generator(source["source"], kp_driving=driving["kp"],
-                                   kp_source=source["kp"])
+                                   kp_source=source["kp"], source_features=source.get("features"))
         generated.update(kp_source=source["kp"], kp_driving=driving["kp"])
         return generated

@@ -134,12 +134,13 @@ class SAFA(KeypointModel):
             return feature
         return self.code_normalizer(codes)
 
-    def animate_source(self, source, kp_source, kp_driving, codes_source, codes_driving, feature):
+    def animate_source(self, source, kp_source, kp_driving, codes_source, codes_driving, feature,
+                       source_features=None):
         face3d = None
         if self.safa_params["use_3d_motion"]:
             face3d = self.face_maps(source, codes_source, codes_driving)
         generated = self.generator(source, kp_driving, kp_source, face3d,
-                                   self.condition(codes_driving, feature))
+                                   self.condition(codes_driving, feature), source_features)
         generated.update(kp_source=kp_source, kp_driving=kp_driving, codes_source=codes_source,
                          codes_driving=codes_driving)
         if face3d is not None:
@@ -173,9 +174,10 @@ class SAFA(KeypointModel):
 
     # ---------------------------------------------------------------- inference
     def encode_source(self, source):
+        """Keypoints, 3DMM codes and the generator's encoder features: once per source."""
         encoded = self.tdmm(source)
         return {"source": source, "kp": self.kp_detector(source), "codes": encoded.codes,
-                "feature": encoded.feature}
+                "feature": encoded.feature, "features": self.generator.encode(source)}
 
     def encode_driving(self, driving):
         encoded = self.tdmm(driving)
@@ -195,7 +197,8 @@ class SAFA(KeypointModel):
 
     def transfer(self, source, driving):
         return self.animate_source(source["source"], source["kp"], driving["kp"],
-                                   source["codes"], driving["codes"], driving["feature"])
+                                   source["codes"], driving["codes"], driving["feature"],
+                                   source.get("features"))
 
     def pose_descriptor(self, state):
         """Head pose (global rotation) and jaw: the reference frame has the nearest pose."""
