@@ -159,7 +159,7 @@ def test_fomm_relative_animation_prediction(fomm):
 # ----------------------------------------------------------------------------- training pieces
 def test_perceptual_pyramid_matches_reference(fomm):
     _, io = fomm
-    losses = load("fomm", "losses-subset.pt")
+    losses = load("fomm", "losses.pt")
     pyramid = ImagePyramid([1, 0.5, 0.25, 0.125])
     images = {"real": io["inputs"]["driving"], "generated": losses["generated"]["prediction"]}
     for which, image in images.items():
@@ -171,7 +171,7 @@ def test_perceptual_pyramid_matches_reference(fomm):
 
 def test_random_transform_replays_the_reference_draws(fomm):
     _, io = fomm
-    losses = load("fomm", "losses-subset.pt")
+    losses = load("fomm", "losses.pt")
     recorded = losses["transform"]
     torch.manual_seed(3)
     transform = RandomTransform(2, sigma_affine=0.05, sigma_tps=0.005, points_tps=5)
@@ -190,7 +190,7 @@ def test_train_mode_keypoints_and_normalization_buffers(fomm):
     iterations (four calls: G step generated, real; D step generated, real), as the reference
     training forward left them."""
     networks, io = fomm
-    losses = load("fomm", "losses-subset.pt")
+    losses = load("fomm", "losses.pt")
     fresh = converted_networks("fomm")
     detector, discriminator = fresh["kp_detector"].train(), fresh["discriminator"].train()
     with torch.no_grad():

@@ -145,7 +145,7 @@ class SAFA(KeypointModel):
                          codes_driving=codes_driving)
         if face3d is not None:
             generated.update({k: face3d[k] for k in ("I_r", "flow_3d", "heatmap_3d",
-                                                      "face_mask_driving")})
+                                                      "face_mask_driving") if k in face3d})
         return generated
 
     # ---------------------------------------------------------------- training
