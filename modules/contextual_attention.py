@@ -31,7 +31,7 @@ The layer fills the occluded part of a feature map with content copied from its 
 
 Which way round O_ca is. The paper (sec. 4.3) says both occlusion maps "indicate the invisible
 region" and that O_g "is small where occlusion occurs" (sec. 4.4.1): both are FOMM-style
-visibility maps, 1 = visible. DESIGN.md's "mask = 1 - O_ca" is then Yu et al.'s hole mask.
+visibility maps, 1 = visible. The authors' code's "mask = 1 - O_ca" is then Yu et al.'s hole mask.
 So by default ``visibility = O_ca``: keys are taken from where O_ca is high and the region
 where O_ca is low is recovered. The authors' code, read literally, weights the keys by
 1 - O_ca instead (its layer multiplies the scores by the patch mean of its mask argument, and

@@ -1,7 +1,7 @@
 """The 3DMM encoder of SAFA (sections 4.1, 4.5, 5.2): image -> FLAME codes Phi = (alpha, beta,
 theta, c) and the 1280-d image feature.
 
-Architecture (DESIGN.md section 10): torchvision MobileNetV2 ``features`` -> global average
+Architecture (the authors' code, docs/design.md): torchvision MobileNetV2 ``features`` -> global average
 pool (1280) -> dropout 0.2 -> one linear layer to ``n_shape + n_exp + n_pose + 3`` outputs
 (SAFA: 100 + 50 + 6 + 3 = 159), weights and bias initialized to zero. The camera is
 c = (s, tx, ty): the scale output gets an offset of +10 and the translations go through
