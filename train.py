@@ -13,11 +13,12 @@ from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
-from checkpoint import (CHECKPOINT_LATEST, load_checkpoint, make_checkpoint, restore_model,
+from checkpoint import (CHECKPOINT_LATEST, make_checkpoint, restore_model,
                         set_rng_state)
 from datasets.frames_dataset import DatasetRepeater, collate_items
 from flame.codes import FaceCodes
 from logger import Logger
+from modules.registry import checkpoint_for
 from modules.sync_batchnorm import convert_sync_batchnorm
 
 log = logging.getLogger(__name__)
@@ -147,9 +148,11 @@ def train(config, model, dataset, log_dir, checkpoint_path=None, device="cpu", r
         for name, opt in optimizers.items()}
 
     start_epoch, step, skip_batches = 0, 0, 0
-    if checkpoint_path:
-        checkpoint = load_checkpoint(checkpoint_path, map_location=device)
-        restore_model(model, checkpoint, checkpoint_path)
+    path = checkpoint_path or finetune_from
+    checkpoint = checkpoint_for(config, path, device) if path else None
+    if checkpoint is not None:
+        restore_model(model, checkpoint, path)
+    if checkpoint_path and "optimizers" in checkpoint:   # else weights only: a fresh run
         for name, opt in optimizers.items():  # a group new to this config starts fresh
             if name in checkpoint["optimizers"]:
                 opt.load_state_dict(checkpoint["optimizers"][name])
@@ -160,10 +163,8 @@ def train(config, model, dataset, log_dir, checkpoint_path=None, device="cpu", r
         changes = apply_optimizer_settings(optimizers, schedulers, train_params, start_epoch)
         if changes and rank == 0:
             log.info("resuming with the config's optimizer settings: %s", "; ".join(changes))
-    elif finetune_from:
-        restore_model(model, load_checkpoint(finetune_from, map_location=device), finetune_from)
-        if rank == 0:
-            log.info("fine-tuning from the weights of %s (new optimizers, epoch 0)", finetune_from)
+    elif checkpoint is not None and rank == 0:
+        log.info("fine-tuning from the weights of %s (new optimizers, epoch 0)", path)
     model.prepare_training(dataset)
 
     net = wrap_distributed(model, device) if distributed else model

@@ -7,7 +7,10 @@ inference, evaluation and benchmarks alike.
 """
 import difflib
 import importlib
+import logging
 import pkgutil
+
+log = logging.getLogger(__name__)
 
 _MODELS = {}
 
@@ -60,13 +63,31 @@ def load_config(name_or_path, overrides=None):
     return config.load_config(name_or_path, overrides, model_schema)
 
 
+def checkpoint_for(config, checkpoint, map_location="cpu"):
+    """A checkpoint (path or loaded dict) in this framework's format: a released checkpoint of a
+    reference implementation (FOMM, SAFA, face-vid2vid; recognized by its keys) is converted
+    for ``config``'s model_params (compat/checkpoints.py)."""
+    from checkpoint import load_checkpoint
+    state = load_checkpoint(checkpoint, map_location) if isinstance(checkpoint, str) \
+        else checkpoint
+    if "state_dict" in state:
+        return state
+    from compat.checkpoints import convert_checkpoint
+    converted = convert_checkpoint(state, config["model_params"])
+    log.info("%s is a %s reference checkpoint, converted on loading (python -m "
+             "tools.convert_checkpoint writes the converted file once)",
+             checkpoint if isinstance(checkpoint, str) else "the checkpoint",
+             converted["converted_from"]["kind"])
+    return converted
+
+
 def build_model(config, checkpoint=None, device="cpu", training=False):
     """The config's model on ``device``, with ``checkpoint`` restored when given (a path or a
-    loaded checkpoint dict), in training or evaluation mode."""
-    from checkpoint import load_checkpoint, restore_model
+    loaded checkpoint dict, ours or a reference implementation's), in training or evaluation
+    mode."""
+    from checkpoint import restore_model
     model = get_model_class(config["model"])(config)
     if checkpoint is not None:
         path = checkpoint if isinstance(checkpoint, str) else "(given checkpoint)"
-        state = load_checkpoint(checkpoint) if isinstance(checkpoint, str) else checkpoint
-        restore_model(model, state, path)
+        restore_model(model, checkpoint_for(config, checkpoint), path)
     return model.to(device).train(training)

@@ -293,3 +293,19 @@ def test_reference_yaml_is_accepted_by_the_config_loader(caplog):
     assert config["model_params"]["safa_params"]["gade_condition"] == "feature"
     assert config["model_params"]["common_params"]["num_kp"] == 5
     assert "reference-code config" in caplog.text and "tdmm_param" in caplog.text
+
+
+def test_reference_checkpoint_file_loads_through_build_model(tmp_path):
+    """`--checkpoint` takes a released reference file as it is: recognized, converted on loading,
+    and the model reproduces the reference's outputs."""
+    reference = torch.load(GOLDEN / "fomm" / "weights.pt", weights_only=True)
+    path = tmp_path / "vox-cpk.pth.tar"
+    torch.save(dict(reference, epoch=3), path)
+    from modules.registry import load_config
+    config = load_config(str(GOLDEN / "fomm" / "config-tiny.yaml"))
+    model = build_model(config, str(path))
+    io = torch.load(GOLDEN / "fomm" / "io.pt", weights_only=True)
+    with torch.no_grad():
+        kp = model.kp_detector(io["inputs"]["source"])
+    torch.testing.assert_close(kp["value"], io["kp_detector"]["source"]["value"],
+                               atol=1e-5, rtol=1e-5)
