@@ -29,8 +29,9 @@ The barycentric coordinates of each covered pixel centre are then recomputed fro
 screen vertices with a few vectorized torch ops (ratios of signed triangle areas, the formula
 PyTorch3D evaluates, in pixel units instead of tile NDC: barycentrics do not change under that
 affine map), so autograd gives the same vertex gradients as PyTorch3D's rasterizer backward without
-its per-pixel loop (on the CPU that backward cost more than the whole forward pass of SAFA's
-networks). The face index per pixel is piecewise constant in the vertices, so nothing is lost.
+its per-pixel loop (on 2 CPU threads that backward took about 1.3 s per 256 x 256 image;
+``benchmarks/face_maps_speed.py`` compares the two). The face index per pixel is piecewise
+constant in the vertices, so its gradient is zero either way.
 Everything stays differentiable with respect to the vertices and the attributes.
 """
 import math
