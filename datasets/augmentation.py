@@ -8,7 +8,6 @@ are kept, since FLAME's bases are not exactly symmetric). The same random parame
 both frames of the pair, as they come from one video.
 """
 import numpy as np
-from skimage.color import hsv2rgb, rgb2hsv
 
 
 def _mirror_pairs():
@@ -65,28 +64,48 @@ def flip_flame(codes):
 
 
 def _jitter(frames, params, rng):
-    """Colour jitter (brightness, contrast, saturation, hue), one draw for the whole pair."""
+    """Colour jitter (brightness, contrast, saturation, hue), one draw for the whole pair.
+
+    Works on channel planes (3 x H x W float32): every step is a few whole-array operations, so
+    a 256 x 256 frame costs milliseconds."""
     brightness = 1.0 + rng.uniform(-params["brightness"], params["brightness"])
     contrast = 1.0 + rng.uniform(-params["contrast"], params["contrast"])
     saturation = 1.0 + rng.uniform(-params["saturation"], params["saturation"])
     hue = rng.uniform(-params["hue"], params["hue"])
     out = []
     for frame in frames:
-        x = frame.astype(np.float32) / 255.0 * brightness
+        x = np.moveaxis(frame, -1, 0).astype(np.float32) / 255.0 * brightness    # 3 x H x W
         mean = x.mean()
         x = (x - mean) * contrast + mean
-        gray = x @ np.array([0.299, 0.587, 0.114], np.float32)
-        x = (x - gray[..., None]) * saturation + gray[..., None]
+        gray = 0.299 * x[0] + 0.587 * x[1] + 0.114 * x[2]                       # ITU-R 601 luma
+        x = (x - gray) * saturation + gray
         if hue:
-            x = _shift_hue(np.clip(x, 0, 1), hue)
-        out.append((np.clip(x, 0.0, 1.0) * 255.0).round().astype(np.uint8))
+            x = shift_hue(np.clip(x, 0.0, 1.0), hue)
+        x = (np.clip(x, 0.0, 1.0) * 255.0).round().astype(np.uint8)
+        out.append(np.ascontiguousarray(np.moveaxis(x, 0, -1)))
     return out
 
 
-def _shift_hue(x, shift):
-    hsv = rgb2hsv(x)
-    hsv[..., 0] = (hsv[..., 0] + shift) % 1.0
-    return hsv2rgb(hsv).astype(np.float32)
+def shift_hue(planes, shift):
+    """Rotate the HSV hue of 3 x H x W RGB planes in [0, 1] by ``shift`` turns, keeping S and V.
+
+    Closed form of RGB -> HSV -> RGB: the hue h in [0, 6) comes from the largest channel, and
+    each output channel is V - V S clip(min(k, 4 - k), 0, 1) with k = (n + h') mod 6, n = 5, 3, 1
+    for R, G, B (V = max, V S = max - min). Gray pixels (max = min) keep their value."""
+    red, green, blue = planes
+    top = np.maximum(np.maximum(red, green), blue)                            # V
+    spread = top - np.minimum(np.minimum(red, green), blue)                   # V S
+    inverse = np.divide(1.0, spread, out=np.zeros_like(spread), where=spread > 0)
+    hue = np.where(top == red, (green - blue) * inverse,
+                   np.where(top == green, (blue - red) * inverse + 2, (red - green) * inverse + 4))
+    hue += np.float32(6.0 * shift)
+    out = np.empty_like(planes)
+    for channel, n in enumerate((5, 3, 1)):
+        k = np.mod(hue + n, 6, dtype=np.float32)
+        np.minimum(k, 4 - k, out=k)
+        np.clip(k, 0, 1, out=k)
+        np.subtract(top, spread * k, out=out[channel])
+    return out
 
 
 def augment_pair(frames, landmarks, flame, params, rng):

@@ -120,6 +120,28 @@ def resize_frame(frame, size):
     return np.asarray(Image.fromarray(frame).resize((width, height), Image.BICUBIC))
 
 
+# Frame counts of opened video files, keyed by what identifies one version of a file (its real
+# path, inode, size and modification time in ns), so a changed or replaced file is counted again.
+# Counting decodes the whole video (no container header is trusted), which costs more than the two
+# frames a training item reads; datasets reopen each video many times per epoch. One small entry
+# per video file, per process (each data-loader worker keeps its own).
+_FRAME_COUNTS = {}
+
+
+def _file_version(path):
+    stat = os.stat(path)
+    return os.path.realpath(path), stat.st_ino, stat.st_size, stat.st_mtime_ns
+
+
+def count_video_frames(path, reader):
+    """Frame count of the video file ``path`` open in the imageio ``reader``, counted once per
+    version of the file."""
+    key = _file_version(path)
+    if key not in _FRAME_COUNTS:
+        _FRAME_COUNTS[key] = reader.count_frames()
+    return _FRAME_COUNTS[key]
+
+
 class VideoReader:
     """Random access to the frames of one video, in any supported layout.
 
@@ -178,7 +200,7 @@ class VideoReader:
                 if durations:
                     self.fps = 1000.0 / float(durations)
             else:
-                self._length = self._reader.count_frames()
+                self._length = count_video_frames(self.path, self._reader)
         except Exception as error:
             raise VideoReadError(f"{self.path}: cannot decode video ({describe_error(error)}). The file is corrupt or uses a codec ffmpeg cannot read;"
                                  " re-encode it, e.g. ffmpeg -i in.mov -c:v libx264 out.mp4") from None

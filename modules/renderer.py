@@ -22,8 +22,17 @@ that cover no pixel centre at all (most faces at 64 x 64) are dropped beforehand
 the same as one full-image call; on the GPU the same path runs unchanged.
 
 Back faces (facing away from the camera, i.e. clockwise on screen seen with y up) are dropped
-before rasterization when ``cull_backfaces`` is on. Everything stays differentiable with respect
-to the vertices (through the barycentric coordinates) and the attributes.
+before rasterization when ``cull_backfaces`` is on.
+
+Gradients: PyTorch3D only decides which face each pixel sees; it rasterizes detached vertices.
+The barycentric coordinates of each covered pixel centre are then recomputed from the (attached)
+screen vertices with a few vectorized torch ops (ratios of signed triangle areas, the formula
+PyTorch3D evaluates, in pixel units instead of tile NDC: barycentrics do not change under that
+affine map), so autograd gives the same vertex gradients as PyTorch3D's rasterizer backward without
+its per-pixel loop (on 2 CPU threads that backward took about 1.3 s per 256 x 256 image;
+``benchmarks/face_maps_speed.py`` compares the two). The face index per pixel is piecewise
+constant in the vertices, so its gradient is zero either way.
+Everything stays differentiable with respect to the vertices and the attributes.
 """
 import math
 from typing import NamedTuple
@@ -44,6 +53,18 @@ def weak_perspective(points, cam):
     scale, trans = cam[:, None, :1], cam[:, None, 1:3]
     xy = scale * (points[..., :2] + trans)
     return torch.stack([xy[..., 0], -xy[..., 1]], dim=-1)
+
+
+def _pixel_positions(screen, height, width):
+    """B x V x 2 pixel positions (x, y) of normalized screen points: pixel centres are integers."""
+    return (screen[..., :2] + 1) * 0.5 * screen.new_tensor([width - 1, height - 1])
+
+
+def _edge(p, a, b):
+    """Twice the signed area of the triangle (a, b, p), for ... x 2 points (PyTorch3D's edge
+    function: which side of the edge a -> b the point p lies on)."""
+    return (p[..., 0] - a[..., 0]) * (b[..., 1] - a[..., 1]) \
+        - (p[..., 1] - a[..., 1]) * (b[..., 0] - a[..., 0])
 
 
 def screen_vertices(points, cam):
@@ -136,13 +157,54 @@ class Renderer(nn.Module):
         return keep
 
     def rasterize(self, screen, image_size=None):
-        """screen: B x V x 3 (x, y normalized, depth larger = closer) -> :class:`Fragments`."""
+        """screen: B x V x 3 (x, y normalized, depth larger = closer) -> :class:`Fragments`.
+
+        The face seen at each pixel comes from PyTorch3D on detached vertices; the barycentric
+        coordinates are recomputed from ``screen`` so that they carry its gradient."""
         height, width = self._size(image_size)
+        with torch.no_grad():
+            face, _ = self._pixel_faces(screen.detach(), height, width)
+        mask = (face >= 0).to(screen.dtype)[:, None]
+        return Fragments(face, self.barycentrics(screen, face), mask)
+
+    def _rasterize_with_pytorch3d_gradients(self, screen, image_size=None):
+        """The same fragments with PyTorch3D's own barycentrics and backward (its per-pixel C++
+        loop). Kept only as the reference for the parity tests and the speed benchmark."""
+        face, bary = self._pixel_faces(screen, *self._size(image_size))
+        return Fragments(face, bary, (face >= 0).to(screen.dtype)[:, None])
+
+    def barycentrics(self, screen, face):
+        """B x H x W x 3 barycentric coordinates of each pixel centre in the face it sees (0 on
+        the background), differentiable w.r.t. ``screen`` (B x V x 3).
+
+        w_k = (signed area of the triangle with corner k replaced by the pixel) / (face area),
+        PyTorch3D's formula, evaluated in pixel units; only covered pixels are computed."""
+        batch, height, width = face.shape
+        flat = face.reshape(-1)
+        covered = (flat >= 0).nonzero(as_tuple=True)[0]                   # P covered pixels
+        b_idx = covered // (height * width)
+        p_y, p_x = (covered % (height * width)) // width, covered % width
+        pix = _pixel_positions(screen, height, width)
+        point = torch.stack([p_x, p_y], -1).to(pix.dtype)
+        # corners relative to the pixel centre: small numbers, so the products below keep the
+        # precision of the vertex positions even far from the image origin
+        corners = pix[b_idx[:, None], self.faces[flat[covered]]] - point[:, None]  # P x 3 x 2
+        v0, v1, v2 = corners.unbind(1)
+        centre = torch.zeros_like(point)
+        area = _edge(v2, v0, v1)
+        bary = torch.stack([_edge(centre, v1, v2), _edge(centre, v2, v0), _edge(centre, v0, v1)],
+                           -1) / area[:, None]
+        out = screen.new_zeros(batch * height * width, 3).index_put((covered,), bary)
+        return out.view(batch, height, width, 3)
+
+    def _pixel_faces(self, screen, height, width):
+        """Face index per pixel (B x H x W, -1: background) and PyTorch3D's barycentrics, tile by
+        tile (see the module docstring)."""
         tile = self._tile(height, width)
         ny, nx = math.ceil(height / tile), math.ceil(width / tile)
         batch = screen.shape[0]
         # pixel positions (x, y) and a positive depth where nearer is smaller
-        pix = (screen[..., :2] + 1) * 0.5 * screen.new_tensor([width - 1, height - 1])
+        pix = _pixel_positions(screen, height, width)
         depth = screen[..., 2]
         z = depth.detach().amax(1, keepdim=True) - depth + 1.0
         b_idx, f_idx = self.visible_faces(screen.detach()).nonzero(as_tuple=True)
@@ -172,8 +234,7 @@ class Renderer(nn.Module):
         p2f, bary = self._untile(p2f, batch, ny, nx), self._untile(bary, batch, ny, nx)
         p2f, bary = p2f[:, :height, :width], bary[:, :height, :width]
         face = torch.where(p2f >= 0, f_idx[pair][p2f.clamp_min(0)], torch.full_like(p2f, -1))
-        mask = (face >= 0).to(screen.dtype)[:, None]
-        return Fragments(face, bary, mask)
+        return face, bary
 
     @staticmethod
     def _covers_a_pixel_centre(corners, lo, hi, tol=1e-4):
@@ -221,7 +282,7 @@ class Renderer(nn.Module):
         batch = screen.shape[0]
         face = torch.full((batch, height, width), -1, dtype=torch.long, device=screen.device)
         bary = screen.new_zeros(batch, height, width, 3) + 0 * screen.sum()   # keeps the graph
-        return Fragments(face, bary, screen.new_zeros(batch, 1, height, width))
+        return face, bary
 
     @staticmethod
     def _untile(x, batch, ny, nx):

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from conftest import moving_square_frames, write_video
-from datasets.augmentation import LANDMARK_FLIP, augment_pair, flip_flame, flip_landmarks
+from datasets.augmentation import (LANDMARK_FLIP, augment_pair, flip_flame, flip_landmarks,
+                                   shift_hue)
 from datasets.frames_dataset import (DatasetRepeater, FramesDataset, PairedDataset, identity_of,
                                      split_videos)
 from datasets.video_io import VideoReader, VideoReadError, copy_audio, has_audio, read_image
@@ -39,6 +40,38 @@ def test_video_reader_does_not_decode_whole_video(tmp_path, monkeypatch):
     monkeypatch.setattr(reader._reader, "get_data", lambda i: decoded.append(i) or original(i))
     reader[2], reader[30]
     assert decoded == [2, 30]
+
+
+def test_mp4_frame_count_is_counted_once_per_version_of_the_file(tmp_path, monkeypatch):
+    from imageio.plugins.ffmpeg import FfmpegFormat
+    counted = []
+    original = FfmpegFormat.Reader.count_frames
+    monkeypatch.setattr(FfmpegFormat.Reader, "count_frames",
+                        lambda reader: counted.append(1) or original(reader))
+    path = write_video(str(tmp_path / "clip.mp4"), moving_square_frames(6, 32))
+    assert [len(VideoReader(path, (32, 32))) for _ in range(3)] == [6, 6, 6]
+    assert len(counted) == 1
+    write_video(path, moving_square_frames(9, 32, seed=1))       # the file changes: counted again
+    assert [len(VideoReader(path, (32, 32))) for _ in range(2)] == [9, 9] and len(counted) == 2
+    os.replace(write_video(str(tmp_path / "other.mp4"), moving_square_frames(4, 32)), path)
+    assert len(VideoReader(path, (32, 32))) == 4 and len(counted) == 3   # replaced by another file
+
+
+def test_mp4_items_read_the_seeded_frames_with_the_count_cached(tmp_path):
+    """Same seed, same frames: an item from an mp4 holds frames sorted(choice(T, 2)) of the rng
+    seeded with the item's seed, on its first (counting) and later (cached) reads."""
+    root = tmp_path / "ds"
+    for split in ("train", "test"):
+        (root / split).mkdir(parents=True)
+        write_video(str(root / split / "id1#a#0.mp4"), moving_square_frames(12, 32))
+    dataset = FramesDataset(str(root), (32, 32, 3), is_train=True)
+    reader = VideoReader(str(root / "train" / "id1#a#0.mp4"), (32, 32))
+    for seed in (3, 4, 3):
+        item = dataset[(0, seed)]
+        first, second = np.sort(np.random.RandomState(seed).choice(12, size=2, replace=False))
+        for key, index in (("source", first), ("driving", second)):
+            expected = torch.from_numpy(reader[int(index)]).permute(2, 0, 1).float() / 255
+            assert torch.equal(item[key], expected), (seed, key)
 
 
 def test_missing_corrupt_empty_and_short(tmp_path):
@@ -170,6 +203,62 @@ def test_horizontal_flip_keeps_landmarks_on_their_pixels():
         assert lm[36][0] < lm[45][0]  # still: index 36 is on the image's left after relabelling
         return
     pytest.fail("no draw flipped in 10 seeds")
+
+
+def test_hue_shift_matches_scikit_image_hsv():
+    from skimage.color import hsv2rgb, rgb2hsv
+    rng = np.random.RandomState(0)
+    rgb = rng.rand(16, 16, 3).astype(np.float32)
+    rgb[0, :6] = [[1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 0], [0.5, 0.5, 0.5], [0, 0, 0]]
+    rgb[1, :4] = [[0.2, 0.7, 0.7], [0.9, 0.1, 0.9], [1, 1, 1], [0.3, 0.3, 0.31]]
+    for shift in (-0.5, -0.1, 0.0, 0.05, 0.37, 0.99):
+        hsv = rgb2hsv(rgb)
+        hsv[..., 0] = (hsv[..., 0] + shift) % 1.0
+        ours = np.moveaxis(shift_hue(np.ascontiguousarray(np.moveaxis(rgb, -1, 0)), shift), 0, -1)
+        np.testing.assert_allclose(ours, hsv2rgb(hsv), atol=2e-6, err_msg=str(shift))
+
+
+def float_hsv_jitter(frames, params, rng):
+    """Reference colour jitter: the same draws, float throughout, hue by scikit-image's HSV."""
+    from skimage.color import hsv2rgb, rgb2hsv
+    factors = [1.0 + rng.uniform(-params[k], params[k]) for k in ("brightness", "contrast",
+                                                                    "saturation")]
+    hue = rng.uniform(-params["hue"], params["hue"])
+    out = []
+    for frame in frames:
+        x = frame.astype(np.float64) / 255.0 * factors[0]
+        x = (x - x.mean()) * factors[1] + x.mean()
+        gray = (x @ np.array([0.299, 0.587, 0.114]))[..., None]
+        hsv = rgb2hsv(np.clip((x - gray) * factors[2] + gray, 0, 1))
+        hsv[..., 0] = (hsv[..., 0] + hue) % 1.0
+        out.append((np.clip(hsv2rgb(hsv), 0, 1) * 255).round().astype(np.uint8))
+    return out
+
+
+def test_colour_jitter_outcomes_match_the_float_hsv_reference():
+    """Same seed, same factors (the rng is left where the reference leaves it) and the same
+    pixels up to a rounding tie; so the same statistics over many draws."""
+    from skimage import data as skdata
+    frames = [skdata.astronaut()[40:104, 180:244], skdata.chelsea()[60:124, 120:184]]
+    params = {"jitter_param": {"brightness": 0.1, "contrast": 0.1, "saturation": 0.1, "hue": 0.1}}
+    ours_all, reference_all = [], []
+    for seed in range(20):
+        rng, reference_rng = np.random.RandomState(seed), np.random.RandomState(seed)
+        ours, _, _ = augment_pair(frames, None, None, params, rng)
+        reference = float_hsv_jitter(frames, params["jitter_param"], reference_rng)
+        assert rng.rand() == reference_rng.rand()
+        for a, b in zip(ours, reference):
+            assert a.dtype == np.uint8 and a.shape == b.shape and a.flags["C_CONTIGUOUS"]
+            difference = np.abs(a.astype(int) - b.astype(int))
+            assert difference.max() <= 1 and (difference > 0).mean() < 1e-3, seed
+        ours_all.append(np.stack(ours))
+        reference_all.append(np.stack(reference))
+    ours_all, reference_all = np.stack(ours_all).astype(float), np.stack(reference_all).astype(float)
+    assert ours_all.std() > 30                                   # real images, real jitter
+    np.testing.assert_allclose(ours_all.mean(axis=(0, 1, 2, 3)),
+                               reference_all.mean(axis=(0, 1, 2, 3)), atol=0.01)
+    np.testing.assert_allclose(ours_all.std(axis=(0, 1, 2, 3)),
+                               reference_all.std(axis=(0, 1, 2, 3)), atol=0.01)
 
 
 def test_flip_flame_mirrors_rotation_and_translation():
