@@ -185,7 +185,8 @@ def train(config, model, dataset, log_dir, checkpoint_path=None, device="cpu", r
                         num_workers=train_params["num_workers"], pin_memory=str(device) != "cpu",
                         collate_fn=collate_items,
                         generator=torch.Generator().manual_seed(seed),
-                        persistent_workers=False)
+                        # workers live across epochs (and keep their per-video caches)
+                        persistent_workers=train_params["num_workers"] > 0)
     logger = Logger(log_dir, config, enabled=rank == 0)
     last_checkpoint = checkpoint_path
     max_steps = train_params["max_steps"]

@@ -61,6 +61,8 @@ class FaceMaps(nn.Module):
 
     Output keys (B = batch, H x W = ``image_size``):
       I_r                B x 3 x H x W   source texture on the driving face, masked (eq. 5)
+      I_s                B x 3 x H x W   source texture on the source face, masked (the
+                                         authors' photometric term compares it with the source)
       normal_source      B x 3 x H x W   I_{n,S}, masked by the source face mask (eq. 6)
       normal_driving     B x 3 x H x W   I_{n,D}, masked by the driving face mask (eq. 7)
       heatmap_3d         B x 1 x H x W   normal_driving.z - normal_source.z (eq. 11)
@@ -117,7 +119,9 @@ class FaceMaps(nn.Module):
         same_mesh = self.driving_normal_shape == "driving"              # one rasterization less
         driving_attributes = [tex_s, motion] + ([normals_d] if same_mesh else [])
         maps_d, mask_d = self.render(drv.vertices, driving_codes.cam, torch.cat(driving_attributes, -1))
-        normal_s, mask_s = self.render(src.vertices, source_codes.cam, normals_s)
+        maps_s, mask_s = self.render(src.vertices, source_codes.cam,
+                                     torch.cat([normals_s, tex_s], -1))
+        normal_s, rendered_source = maps_s[:, :3], maps_s[:, 3:6]
         if same_mesh:
             normal_d, mask_nd = maps_d[:, 5:8], mask_d
         else:
@@ -129,6 +133,7 @@ class FaceMaps(nn.Module):
         normal_s, normal_d = normal_s * mask_s, normal_d * mask_nd
         return {
             "I_r": rendered_tex * mask_d,                                   # eq. 5
+            "I_s": rendered_source * mask_s,         # source texture on the source mesh
             "normal_source": normal_s,                                      # I_{n,S}, eq. 6
             "normal_driving": normal_d,                                     # I_{n,D}, eq. 7
             "heatmap_3d": normal_d[:, 2:3] - normal_s[:, 2:3],              # H_3D, eq. 11

@@ -20,7 +20,7 @@ from flame.codes import relative_codes
 from modules.coords import resize_map
 from modules.face_kit import (FLAME_PARAMS, TDMM_LOSS_WEIGHTS, TDMM_PARAMS, CodeNormalizer,
                               build_face_model, build_tdmm_encoder, code_dim, load_pretrained_tdmm,
-                              tdmm_loss)
+                              photometric_loss, tdmm_loss)
 from modules.face_maps import FaceMaps
 from modules.keypoint_model import KEYPOINT_MODEL_PARAMS, KEYPOINT_TRAIN_PARAMS, KeypointModel
 from modules.registry import register_model
@@ -103,6 +103,15 @@ class SAFA(KeypointModel):
     def sidecars(cls, config):
         return {"landmarks"} if config["train_params"]["loss_weights"]["tdmm"] else set()
 
+    @classmethod
+    def check_config(cls, config):
+        super().check_config(config)
+        weights = config["train_params"]["loss_weights"]
+        if weights["photometric"] and weights["tdmm"] and \
+                not config["model_params"]["safa_params"]["use_3d_motion"]:
+            raise ValueError("loss_weights.photometric compares the 3D face renders, which "
+                             "safa_params.use_3d_motion: false does not make; set photometric: 0")
+
     @property
     def flame(self):
         return self.face_maps.flame
@@ -144,8 +153,9 @@ class SAFA(KeypointModel):
         generated.update(kp_source=kp_source, kp_driving=kp_driving, codes_source=codes_source,
                          codes_driving=codes_driving)
         if face3d is not None:
-            generated.update({k: face3d[k] for k in ("I_r", "flow_3d", "heatmap_3d",
-                                                      "face_mask_driving") if k in face3d})
+            generated.update({k: face3d[k] for k in ("I_r", "I_s", "flow_3d", "heatmap_3d",
+                                                      "face_mask_driving", "face_mask_source")
+                              if k in face3d})
         return generated
 
     # ---------------------------------------------------------------- training
@@ -157,11 +167,14 @@ class SAFA(KeypointModel):
         generated = self.animate_source(source, kp_source, kp_driving, encoded_source.codes,
                                         encoded_driving.codes, encoded_driving.feature)
         losses = self.image_losses(batch, generated)
-        losses.update(self.tdmm_losses(batch, encoded_source.codes, encoded_driving.codes))
+        losses.update(self.tdmm_losses(batch, encoded_source.codes, encoded_driving.codes,
+                                       generated))
         return losses, generated
 
-    def tdmm_losses(self, batch, codes_source, codes_driving):
-        """Eq. 18 on the source frames plus eq. 18 on the driving frames, times lambda_3DMM."""
+    def tdmm_losses(self, batch, codes_source, codes_driving, generated):
+        """Eq. 18 on the source frames plus eq. 18 on the driving frames, and the authors'
+        photometric term (source texture on the source face vs the source, I_r vs the driving
+        frame, each on its face region), times lambda_3DMM."""
         weights = self.config["train_params"]["loss_weights"]
         if not weights["tdmm"]:
             return {}
@@ -170,6 +183,11 @@ class SAFA(KeypointModel):
                                  (codes_driving, batch["driving_landmarks"])):
             for name, value in tdmm_loss(self.flame, codes, landmarks, weights, size).items():
                 terms[name] = terms.get(name, 0) + value
+        if weights["photometric"] and "I_s" in generated:
+            terms["photometric"] = weights["photometric"] * (
+                photometric_loss(generated["I_s"], batch["source"], generated["face_mask_source"])
+                + photometric_loss(generated["I_r"], batch["driving"],
+                                   generated["face_mask_driving"]))
         return {f"tdmm_{name}": weights["tdmm"] * value for name, value in terms.items()}
 
     # ---------------------------------------------------------------- inference
