@@ -12,12 +12,17 @@ from torch import nn
 NORMS = ("batch", "instance", "none")
 
 
-def make_norm(num_features, kind="batch"):
-    """A 2D normalization layer: 'batch' (affine BatchNorm2d), 'instance' (affine) or 'none'."""
+_NORM_CLASSES = {2: (nn.BatchNorm2d, nn.InstanceNorm2d), 3: (nn.BatchNorm3d, nn.InstanceNorm3d)}
+
+
+def make_norm(num_features, kind="batch", affine=True, dims=2):
+    """A normalization layer of ``dims``-D feature maps: 'batch', 'instance' (both with a learned
+    affine unless ``affine`` is false) or 'none' (identity)."""
+    batch_norm, instance_norm = _NORM_CLASSES[dims]
     if kind == "batch":
-        return nn.BatchNorm2d(num_features, affine=True)
+        return batch_norm(num_features, affine=affine)
     if kind == "instance":
-        return nn.InstanceNorm2d(num_features, affine=True)
+        return instance_norm(num_features, affine=affine)
     if kind in (None, "none"):
         return nn.Identity()
     raise ValueError(f"unknown norm {kind!r}; expected one of {NORMS}")

@@ -8,18 +8,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from modules.blocks import level_channels
+from modules.blocks import level_channels, make_norm
 
 
 def make_norm_3d(num_features, kind="batch"):
     """A 3D normalization layer: 'batch' (affine BatchNorm3d), 'instance' (affine) or 'none'."""
-    if kind == "batch":
-        return nn.BatchNorm3d(num_features, affine=True)
-    if kind == "instance":
-        return nn.InstanceNorm3d(num_features, affine=True)
-    if kind in (None, "none"):
-        return nn.Identity()
-    raise ValueError(f"unknown norm {kind!r}; expected 'batch', 'instance' or 'none'")
+    return make_norm(num_features, kind, dims=3)
 
 
 class DownBlock3d(nn.Module):

@@ -25,21 +25,16 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm as _spectral_norm
 
+from modules.blocks import NORMS, make_norm
 from modules.coords import resize_map
 
-NORM_KINDS = ("batch", "instance", "none")
+NORM_KINDS = NORMS
 GADE_GATES = ("occlusion", "learned")
 
 
 def parameter_free_norm(num_features, kind="batch"):
     """Normalization without a learned affine: 'batch', 'instance' or 'none' (identity)."""
-    if kind == "batch":
-        return nn.BatchNorm2d(num_features, affine=False)
-    if kind == "instance":
-        return nn.InstanceNorm2d(num_features, affine=False)
-    if kind in (None, "none"):
-        return nn.Identity()
-    raise ValueError(f"unknown normalization {kind!r}; expected one of {NORM_KINDS}")
+    return make_norm(num_features, kind, affine=False)
 
 
 def maybe_spectral_norm(layer, enabled):
