@@ -16,7 +16,7 @@ from fractions import Fraction
 
 import imageio.v2 as imageio
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from atomic_files import temporary_path, write_failure
 
@@ -58,17 +58,18 @@ def is_video_entry(path):
     return os.path.splitext(path)[1].lower() in IMAGE_EXTENSIONS + VIDEO_EXTENSIONS
 
 
-def to_rgb_uint8(frame, source, frame_size=None, on_mismatch="convert", _noted=set()):
+def to_rgb_uint8(frame, source, frame_size=None, on_mismatch="convert", conversions=(),
+                 _noted=set()):
     """Any decoded frame -> H x W x 3 uint8 RGB, resized to ``frame_size = (H, W)`` if given.
 
+    16-bit (and other wide unsigned) samples are scaled to 8 bits, float frames in [0, 1] to
+    [0, 255]. ``conversions``: notes of what the reader already converted (e.g. CMYK to RGB).
     ``on_mismatch='refuse'`` raises instead of converting. Notes are logged once per file.
     """
     frame = np.asarray(frame)
-    notes = []
+    notes = list(conversions)
     if frame.dtype != np.uint8:
-        if np.issubdtype(frame.dtype, np.floating) and frame.max() <= 1.0:
-            frame = frame * 255.0
-        frame = np.clip(frame, 0, 255).astype(np.uint8)
+        frame = _to_8_bit(frame, notes)
     if frame.ndim == 2:
         frame = frame[:, :, None]
     if frame.ndim != 3:
@@ -95,11 +96,60 @@ def to_rgb_uint8(frame, source, frame_size=None, on_mismatch="convert", _noted=s
             raise VideoReadError(f"{source}: frames need conversion ({'; '.join(notes)}) and "
                                  "dataset_params.on_mismatch is 'refuse'; convert the file or set "
                                  "on_mismatch: convert")
-        key = (str(source), tuple(notes))
-        if key not in _noted:
-            _noted.add(key)
-            log.info("%s: %s", source, "; ".join(notes))
+        note_once(source, "; ".join(notes), _noted)
     return np.ascontiguousarray(frame)
+
+
+def note_once(source, text, _noted=set(), level=logging.INFO):
+    """Log ``source: text`` once per (file, text)."""
+    key = (str(source), text)
+    if key not in _noted:
+        _noted.add(key)
+        log.log(level, "%s: %s", source, text)
+
+
+def _to_8_bit(frame, notes):
+    """Samples of any numeric type -> uint8: unsigned integers scaled by their full range
+    (a 16-bit 65535 is 255), floats in [0, 1] scaled by 255, anything else clipped to [0, 255]."""
+    if np.issubdtype(frame.dtype, np.unsignedinteger):
+        bits = 8 * frame.dtype.itemsize
+        notes.append(f"{bits}-bit samples scaled to 8 bits")
+        return np.round(frame.astype(np.float64) * (255.0 / (2 ** bits - 1))).astype(np.uint8)
+    if np.issubdtype(frame.dtype, np.floating) and frame.size and np.nanmax(frame) <= 1.0:
+        frame = frame * 255.0
+    return np.clip(np.round(frame), 0, 255).astype(np.uint8)
+
+
+# Pillow modes that are colour spaces other than RGB: converted by Pillow itself (CMYK JPEGs
+# written by Photoshop store inverted values, which Pillow's JPEG decoder already undoes).
+_CONVERT_TO_RGB = {"CMYK": "RGB", "YCbCr": "RGB", "LAB": "RGB", "HSV": "RGB", "1": "L",
+                   "PA": "RGBA"}
+
+
+def load_image_file(path):
+    """An image file as an array in its own layout (H x W or H x W x 2/3/4; uint8, or uint16 for
+    16-bit images), with non-RGB colour spaces (CMYK, YCbCr, LAB, HSV, palettes) converted to RGB
+    and the EXIF orientation applied. Returns ``(array, notes)``: what was converted, in words."""
+    notes = []
+    try:
+        with Image.open(path) as opened:
+            image = ImageOps.exif_transpose(opened)
+            if image is not opened and opened.getexif().get(0x0112, 1) != 1:
+                note_once(path, "rotated by its EXIF orientation")
+            mode = image.mode
+            if mode in _CONVERT_TO_RGB:
+                image = image.convert(_CONVERT_TO_RGB[mode])
+                notes.append(f"{mode} converted to {image.mode}")
+            elif mode == "P":
+                image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+            array = np.asarray(image)
+    except (OSError, ValueError, Image.DecompressionBombError) as error:
+        raise VideoReadError(f"{path}: cannot read image ({describe_error(error)}); the file is "
+                             "corrupt or not an image") from None
+    if mode.startswith("I") and array.dtype != np.uint16:
+        # 32-bit integer images ("I"): 16-bit PNG/TIFF data in practice
+        array = np.clip(array, 0, 65535).astype(np.uint16)
+    return array, notes
 
 
 def _drop_alpha(rgb, alpha):
@@ -111,6 +161,16 @@ def resize_frame(frame, size):
     """Resize an H x W x 3 uint8 frame to ``size = (H, W)`` with area-aware resampling."""
     height, width = size
     return np.asarray(Image.fromarray(frame).resize((width, height), Image.BICUBIC))
+
+
+def declared_frame_count(meta):
+    """Frames a video's header declares, ``round(duration * fps)``, or None when unknown."""
+    duration, fps = meta.get("duration"), meta.get("fps")
+    try:
+        count = float(duration) * float(fps)
+    except (TypeError, ValueError):
+        return None
+    return int(round(count)) if np.isfinite(count) and count > 0 else None
 
 
 class VideoReader:
@@ -125,6 +185,7 @@ class VideoReader:
         self.frame_size = tuple(frame_size) if frame_size is not None else None
         self.on_mismatch = on_mismatch
         self.fps = None
+        self._conversions = []  # what reading the last image converted (CMYK, ...), for notes
         if not os.path.exists(path):
             raise FileNotFoundError(f"video not found: {path}")
         if os.path.isdir(path):
@@ -154,11 +215,9 @@ class VideoReader:
                                  f"{IMAGE_EXTENSIONS} (stacked frames) or {VIDEO_EXTENSIONS}")
 
     def _read_image(self, path):
-        try:
-            return np.asarray(imageio.imread(path))
-        except Exception as error:  # imageio raises many types for bad files
-            raise VideoReadError(f"{path}: cannot read image ({error}); the file is corrupt or "
-                                 "not an image") from None
+        array, notes = load_image_file(path)
+        self._conversions = notes
+        return array
 
     def _open_video(self):
         try:
@@ -177,6 +236,24 @@ class VideoReader:
                                  " re-encode it, e.g. ffmpeg -i in.mov -c:v libx264 out.mp4") from None
         if not self._length or self._length == float("inf"):
             raise VideoReadError(f"{self.path}: video has no readable frames")
+        if not self.path.lower().endswith(".gif"):
+            self._check_declared_length(meta)
+
+    def _check_declared_length(self, meta):
+        """Warn (or refuse, with ``on_mismatch='refuse'``) when fewer frames decode than the
+        container declares (its duration x fps): a truncated file, e.g. an interrupted download
+        of an mp4 whose index sits at the front, otherwise reads as a shorter video."""
+        declared = declared_frame_count(meta)
+        # the header's duration has centisecond precision: allow a frame or 1 % of rounding
+        if declared is None or declared - self._length <= max(1, round(0.01 * declared)):
+            return
+        message = (f"decoded {self._length} of the {declared} frames the container declares "
+                   "(duration x fps); the file is probably truncated (an interrupted download or "
+                   "copy): re-fetch or re-encode it")
+        if self.on_mismatch == "refuse":
+            raise VideoReadError(f"{self.path}: {message}, and dataset_params.on_mismatch is "
+                                 "'refuse'")
+        note_once(self.path, message, level=logging.WARNING)
 
     def __len__(self):
         return self._length
@@ -197,7 +274,7 @@ class VideoReader:
             raise IndexError(f"{self.path}: frame {index} out of range (video has {self._length})")
         frame = self._raw(index % self._length)
         self.last_raw_size = np.asarray(frame).shape[:2]  # before resizing: for scaling landmarks
-        return to_rgb_uint8(frame, self.path, self.frame_size, self.on_mismatch)
+        return to_rgb_uint8(frame, self.path, self.frame_size, self.on_mismatch, self._conversions)
 
     def __iter__(self):
         if self._kind != "video":
@@ -223,11 +300,8 @@ def read_image(path, frame_size=None):
     """One image file (a portrait) as H x W x 3 uint8 RGB, converted and resized as needed."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"image not found: {path}")
-    try:
-        image = np.asarray(imageio.imread(path))
-    except Exception as error:
-        raise VideoReadError(f"{path}: cannot read image ({error})") from None
-    return to_rgb_uint8(image, path, frame_size, "convert")
+    image, notes = load_image_file(path)
+    return to_rgb_uint8(image, path, frame_size, "convert", notes)
 
 
 # Containers the writer produces: H.264 through ffmpeg, or GIF through imageio.
