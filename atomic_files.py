@@ -33,8 +33,11 @@ def temporary_path(final_path):
     from it) and the default permissions; rename it onto ``final_path`` once complete."""
     folder, name = os.path.split(os.path.abspath(final_path))
     stem, ext = os.path.splitext(name)
-    os.makedirs(folder, exist_ok=True)
-    handle, path = tempfile.mkstemp(prefix=f".{stem}.", suffix=f"{TEMP_MARK}{ext}", dir=folder)
+    try:
+        os.makedirs(folder, exist_ok=True)
+        handle, path = tempfile.mkstemp(prefix=f".{stem}.", suffix=f"{TEMP_MARK}{ext}", dir=folder)
+    except OSError as error:  # a read-only or full folder: say so, naming the final path
+        raise write_failure(final_path, error) from error
     os.fchmod(handle, default_file_mode())
     os.close(handle)
     return path

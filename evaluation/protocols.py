@@ -414,7 +414,7 @@ def frames_to_tensor(frames, indices, device="cpu"):
             tensor = frame.float()
         else:
             array = np.asarray(frame)
-            tensor = torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1).float()
+            tensor = torch.from_numpy(np.require(array, requirements=['C', 'W'])).permute(2, 0, 1).float()
             tensor = tensor / 255.0 if array.dtype == np.uint8 else tensor
         batch.append(tensor)
     return torch.stack(batch).to(device)
