@@ -21,6 +21,7 @@ from conftest import moving_square_frames, write_video
 from datasets.frames_dataset import FramesDataset, build_dataset
 from datasets.video_io import VideoReader, VideoReadError, read_image
 from modules.registry import build_model
+from test_flame import _Evil  # a pickle payload that would run a command
 from test_training import run, tiny_config
 from train import NonFiniteError, NonFiniteStateError, resume_or_finetune, train
 
@@ -249,20 +250,12 @@ def test_sidecar_dtype_and_flame_length_refused_naming_the_file(tmp_path):
 
 
 # --------------------------------------------------------------------------- pickles
-class _Payload:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
-
-
 def test_refused_pickle_is_a_message_naming_the_file_and_why(tmp_path):
     from flame.loaders import load_flame_assets
     marker = tmp_path / "ran"
     folder = tmp_path / "flame"
     folder.mkdir()
-    (folder / "generic_model.pkl").write_bytes(pickle.dumps({"payload": _Payload(marker)}, 2))
+    (folder / "generic_model.pkl").write_bytes(pickle.dumps({"payload": _Evil(marker)}, 2))
     with pytest.raises(ValueError) as error:  # ValueError: run.py prints it, no traceback
         load_flame_assets(str(folder))
     message = str(error.value)
