@@ -21,8 +21,8 @@ import torch
 from tqdm import tqdm
 
 from datasets.frames_dataset import image_to_tensor
-from datasets.video_io import (VideoReader, VideoWriter, copy_audio, read_image, temporary_path,
-                               video_stem)
+from datasets.video_io import (VideoReader, VideoWriter, check_output_path, copy_audio,
+                               read_image, temporary_path, video_stem)
 from logger import to_uint8_image
 from reconstruction import batched
 
@@ -202,6 +202,7 @@ def animate(model, source_image, driving, output_path, relative=True, adapt_scal
     compares frames: 'landmarks' (a face landmark detector), 'model' (the model's pose
     descriptor) or 'auto' (landmarks when a detector loads).
     """
+    check_output_path(output_path, [source_image, getattr(driving, "path", driving)])
     device = device or next(model.parameters()).device
     model.eval()
     size = model_frame_size(model)
@@ -245,6 +246,8 @@ def run_animate(args, config, run_dir, device):
     relative = params["relative"] and not args.absolute
     adapt = params["adapt_movement_scale"] or args.adapt_scale
     find_best = params["find_best_frame"] or args.find_best_frame
+    if args.result_video:  # before the model loads: a wrong path fails at once
+        check_output_path(args.result_video, [args.source_image, args.driving_video])
     from modules.registry import build_model
     model = build_model(config, args.checkpoint, device)
     out_dir = os.path.join(run_dir, "animation")

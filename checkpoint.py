@@ -9,15 +9,16 @@ reads it without running code)::
     epoch, step, batch_in_epoch   where training stands (the next batch to run)
     rng                           torch / numpy / python / CUDA generator states
 
-This module is a leaf: it imports no other module of the project.
+This module imports only the leaf :mod:`atomic_files` of the project.
 """
 import logging
 import os
 import random
-import tempfile
 
 import numpy as np
 import torch
+
+from atomic_files import write_atomically
 
 CHECKPOINT_LATEST = "checkpoint_latest.pth"
 log = logging.getLogger(__name__)
@@ -27,21 +28,11 @@ log = logging.getLogger(__name__)
 def save_checkpoint_atomic(state, path):
     """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``.
 
-    A kill at any moment leaves either the previous checkpoint or the new one, never half a file.
+    A kill at any moment leaves either the previous checkpoint or the new one, never half a file;
+    a failed write (disk full, read-only folder) raises :class:`atomic_files.OutputWriteError`
+    saying why and that the previous checkpoint is intact.
     """
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".pth", dir=folder)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            torch.save(state, stream)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    write_atomically(path, lambda stream: torch.save(state, stream), what="checkpoint")
 
 
 def load_checkpoint(path, map_location="cpu"):

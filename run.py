@@ -8,6 +8,7 @@
 Every mode is ``function(args, config, run_dir, device)``; training runs it once per device.
 """
 import argparse
+import contextlib
 import datetime
 import importlib
 import logging
@@ -137,9 +138,19 @@ def _worker(rank, args, config, run_dir, device_ids, port):
 
 
 def launch_train(args, config, run_dir, device_ids):
+    """Lock the run folder (one training at a time writes there; under torchrun rank 0 holds
+    the lock), then train."""
+    from logger import RunLock
+    torchrun = "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1
+    holds_lock = not torchrun or int(os.environ.get("RANK", "0")) == 0
+    with RunLock(run_dir) if holds_lock else contextlib.nullcontext():
+        return _launch(args, config, run_dir, device_ids, torchrun)
+
+
+def _launch(args, config, run_dir, device_ids, torchrun):
     """One process (single device), N spawned processes, or the process torchrun started."""
     run_train = mode_function("train")
-    if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:  # torchrun / multi-node
+    if torchrun:  # torchrun / multi-node
         use_cuda = torch.cuda.is_available()
         torch.distributed.init_process_group("nccl" if use_cuda else "gloo")
         rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
@@ -181,7 +192,9 @@ def main(argv=None):
             launch_train(args, config, run_dir, device_ids)
         else:
             mode_function(args.mode)(args, config, run_dir, device_for(device_ids[0]))
-    except (FileNotFoundError, ValueError, ConfigError, RuntimeError) as error:
+    except (OSError, ValueError, ConfigError, RuntimeError) as error:
+        # OSError: a missing input, a full disk, a read-only or locked run folder (the messages
+        # name the file and the fix); --verbose shows the traceback
         if args.verbose:
             raise
         print(f"error: {error}", file=sys.stderr)

@@ -4,6 +4,7 @@ Read it top to bottom: ``train()`` builds optimizers from ``model.optimizer_grou
 checkpoint if given, then for each batch runs the generator step and (if the model has one) the
 discriminator step. It knows nothing about a specific model.
 """
+import contextlib
 import logging
 import os
 from collections import Counter
@@ -17,15 +18,24 @@ from checkpoint import (CHECKPOINT_LATEST, make_checkpoint, restore_model,
                         set_rng_state)
 from datasets.frames_dataset import DatasetRepeater, collate_items
 from flame.codes import FaceCodes
-from logger import Logger
+from logger import Logger, RunLock
 from modules.registry import checkpoint_for
 from modules.sync_batchnorm import convert_sync_batchnorm
 
 log = logging.getLogger(__name__)
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteError(RuntimeError):
+    """Training produced NaN or Inf; it stops without writing the bad state anywhere."""
+
+
+class NonFiniteLossError(NonFiniteError):
     """A loss became NaN or Inf; training stops without overwriting the last good checkpoint."""
+
+
+class NonFiniteStateError(NonFiniteError):
+    """A parameter or buffer (e.g. a BatchNorm running variance) became NaN or Inf while the
+    losses stayed finite; found before a checkpoint would have saved it."""
 
 
 class ResumableSampler(DistributedSampler):
@@ -57,14 +67,50 @@ def wrap_distributed(model, device):
         find_unused_parameters=True, broadcast_buffers=False)
 
 
+def recovery_advice(last_good):
+    """Where to resume from after a non-finite value: ``last_good`` is ``(path, step)`` of the
+    last checkpoint whose parameters and buffers were checked finite, or None."""
+    if not last_good:
+        return ("No checkpoint was written yet (none holds finite weights from this run); start "
+                "again with a lower learning rate (--set train_params.lr_<group>=...)")
+    path, step = last_good
+    return (f"The last checkpoint checked finite is {path} (step {step}; every checkpoint is "
+            "checked before it is written). Resume from it with --checkpoint and a lower learning "
+            "rate (--set train_params.lr_<group>=...; the config's rates win over the "
+            "checkpoint's); if the losses were already growing before that step (log.txt, "
+            "tensorboard), resume from an earlier checkpoint_epoch_*.pth instead, or check the "
+            "data of this batch")
+
+
 def check_finite(losses, step, last_checkpoint):
+    """Stop on a NaN/Inf loss. ``last_checkpoint``: ``(path, step)`` of the last checkpoint
+    known finite, or None."""
     bad = {name: float(value) for name, value in losses.items() if not torch.isfinite(value).all()}
     if bad:
-        where = last_checkpoint or "(none written yet)"
-        raise NonFiniteLossError(
-            f"non-finite loss at iteration {step}: {bad}. Training stopped; the last good "
-            f"checkpoint is {where}. Resume from it with --checkpoint, e.g. with a lower learning "
-            "rate (--set train_params.lr_generator=...), or check the data of this batch.")
+        raise NonFiniteLossError(f"non-finite loss at iteration {step}: {bad}. Training stopped. "
+                                 f"{recovery_advice(last_checkpoint)}.")
+
+
+def nonfinite_entries(tensors):
+    """Names of the floating-point tensors in ``{name: tensor}`` holding NaN or Inf (one
+    device synchronization for all of them)."""
+    floating = [(name, t) for name, t in tensors.items() if torch.is_floating_point(t) and t.numel()]
+    if not floating:
+        return []
+    finite = torch.stack([torch.isfinite(t).all() for _, t in floating]).cpu()
+    return [name for (name, _), ok in zip(floating, finite.tolist()) if not ok]
+
+
+def check_model_finite(model, step, last_good, when):
+    """Raise :class:`NonFiniteStateError` when a parameter or buffer holds NaN or Inf: losses
+    can stay finite while, e.g., a BatchNorm running variance overflows, and that state must
+    never reach a checkpoint."""
+    bad = nonfinite_entries(dict(model.state_dict(keep_vars=False)))
+    if bad:
+        shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise NonFiniteStateError(f"non-finite values in the model's parameters or buffers at "
+                                  f"iteration {step} ({when}): {shown}. Training stopped and this "
+                                  f"state was not saved. {recovery_advice(last_good)}.")
 
 
 def move_to(batch, device):
@@ -110,8 +156,9 @@ def train_step(net, model, optimizers, batch, step=0, last_checkpoint=None):
 
 
 def apply_optimizer_settings(optimizers, schedulers, train_params, epoch):
-    """The config's learning rates, Adam betas and schedule win over a resumed checkpoint's:
-    each group's learning rate becomes ``lr_<group> * lr_decay ** (milestones passed)``.
+    """The config's learning rates, Adam betas and schedule (milestones, decay) win over a resumed
+    checkpoint's: each group's learning rate becomes ``lr_<group> * lr_decay ** (milestones
+    passed)``.
     Returns a description of what changed (empty when nothing did)."""
     changes = []
     betas = tuple(train_params["adam_betas"])
@@ -124,6 +171,11 @@ def apply_optimizer_settings(optimizers, schedulers, train_params, epoch):
         if tuple(optimizer.param_groups[0]["betas"]) != betas:
             changes.append(f"{name} adam_betas {list(optimizer.param_groups[0]['betas'])} -> "
                            f"{list(betas)}")
+        if sorted(scheduler.milestones.elements()) != sorted(train_params["epoch_milestones"]):
+            changes.append(f"{name} epoch_milestones {sorted(scheduler.milestones.elements())} -> "
+                           f"{sorted(train_params['epoch_milestones'])}")
+        if scheduler.gamma != train_params["lr_decay"]:
+            changes.append(f"{name} lr_decay {scheduler.gamma:g} -> {train_params['lr_decay']:g}")
         scheduler.base_lrs = [lr] * len(optimizer.param_groups)
         scheduler.milestones = Counter(train_params["epoch_milestones"])
         scheduler.gamma = train_params["lr_decay"]
@@ -136,7 +188,31 @@ def train(config, model, dataset, log_dir, checkpoint_path=None, device="cpu", r
           world_size=1, seed=0, finetune_from=None):
     """Train ``model`` on ``dataset``, writing into ``log_dir``. ``checkpoint_path`` resumes a run
     exactly (weights, optimizers, schedule, data position, random state); ``finetune_from``
-    starts a new run from a checkpoint's weights only."""
+    starts a new run from a checkpoint's weights only.
+
+    A single process locks ``log_dir`` while it trains (:class:`logger.RunLock`); with several
+    processes ``run.py`` holds the lock for them."""
+    lock = RunLock(log_dir) if rank == 0 and world_size == 1 else contextlib.nullcontext()
+    with lock:
+        return _train(config, model, dataset, log_dir, checkpoint_path, device, rank, world_size,
+                      seed, finetune_from)
+
+
+def load_resumable(config, checkpoint_path, device):
+    """A checkpoint to resume or fine-tune from (ours or a reference implementation's, converted),
+    refused when its weights or buffers are not finite."""
+    checkpoint = checkpoint_for(config, checkpoint_path, device)
+    bad = nonfinite_entries(checkpoint["state_dict"])
+    if bad:
+        raise NonFiniteStateError(f"checkpoint {checkpoint_path} holds non-finite values in "
+                                  f"{', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}; "
+                                  "resuming it cannot recover. Resume from an earlier "
+                                  "checkpoint_epoch_*.pth of the run instead")
+    return checkpoint
+
+
+def _train(config, model, dataset, log_dir, checkpoint_path, device, rank, world_size, seed,
+           finetune_from):
     train_params = config["train_params"]
     distributed = world_size > 1
     if distributed:  # batch statistics over the global batch (SAFA trains with synchronized BN)
@@ -148,8 +224,9 @@ def train(config, model, dataset, log_dir, checkpoint_path=None, device="cpu", r
         for name, opt in optimizers.items()}
 
     start_epoch, step, skip_batches = 0, 0, 0
+    last_good = None  # (path, step) of the last checkpoint known to hold finite values
     path = checkpoint_path or finetune_from
-    checkpoint = checkpoint_for(config, path, device) if path else None
+    checkpoint = load_resumable(config, path, device) if path else None
     if checkpoint is not None:
         restore_model(model, checkpoint, path)
     if checkpoint_path and "optimizers" in checkpoint:   # else weights only: a fresh run
@@ -159,6 +236,7 @@ def train(config, model, dataset, log_dir, checkpoint_path=None, device="cpu", r
                 schedulers[name].load_state_dict(checkpoint["schedulers"][name])
         start_epoch, step = checkpoint["epoch"], checkpoint["step"]
         skip_batches = checkpoint["batch_in_epoch"]
+        last_good = (checkpoint_path, step)
         set_rng_state(checkpoint["rng"])
         changes = apply_optimizer_settings(optimizers, schedulers, train_params, start_epoch)
         if changes and rank == 0:
@@ -188,15 +266,17 @@ def train(config, model, dataset, log_dir, checkpoint_path=None, device="cpu", r
                         # workers live across epochs (and keep their per-video caches)
                         persistent_workers=train_params["num_workers"] > 0)
     logger = Logger(log_dir, config, enabled=rank == 0)
-    last_checkpoint = checkpoint_path
     max_steps = train_params["max_steps"]
     steps_per_epoch = len(sampler) // batch_size
 
     def save(epoch, batch_in_epoch, name=CHECKPOINT_LATEST):
-        nonlocal last_checkpoint
+        """Every rank checks its parameters and buffers (identical under DDP, so all stop
+        together); rank 0 then writes the checkpoint."""
+        nonlocal last_good
+        check_model_finite(model, step, last_good, f"before saving {name}")
         state = make_checkpoint(model, optimizers, schedulers, epoch, step, batch_in_epoch, config)
         path = logger.save_checkpoint(state, name)
-        last_checkpoint = path or last_checkpoint
+        last_good = (path, step) if path else last_good
         return path
 
     history = []
@@ -208,7 +288,7 @@ def train(config, model, dataset, log_dir, checkpoint_path=None, device="cpu", r
                         initial=skip_batches, total=steps_per_epoch)
         for batch_index, batch in enumerate(progress, start=skip_batches):
             batch = move_to(batch, device)
-            losses, generated = train_step(net, model, optimizers, batch, step, last_checkpoint)
+            losses, generated = train_step(net, model, optimizers, batch, step, last_good)
             step += 1
             values = {k: float(v.detach()) for k, v in losses.items()}
             history.append(values)
@@ -232,7 +312,7 @@ def train(config, model, dataset, log_dir, checkpoint_path=None, device="cpu", r
         if count:
             logger.log_epoch(epoch, {k: v / count for k, v in totals.items()})
             logger.save_visuals(f"epoch_{epoch:04d}", model.visuals(batch, generated))
-        save(epoch + 1, 0)
+        save(epoch + 1, 0)  # checks parameters and buffers first: the end-of-epoch check
         if (epoch + 1) % train_params["checkpoint_freq"] == 0:
             save(epoch + 1, 0, name=f"checkpoint_epoch_{epoch + 1:04d}.pth")
     logger.close()

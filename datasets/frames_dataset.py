@@ -11,6 +11,7 @@ batches them.
 import csv
 import os
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -20,6 +21,7 @@ from datasets.augmentation import augment_pair
 from datasets.video_io import VideoReader, VideoReadError, is_video_entry, video_stem
 from flame.codes import FaceCodes
 from modules.coords import pixels_to_normalized
+from modules.landmark_layout import LAYOUTS as LANDMARK_LAYOUTS
 
 SIDECAR_SUFFIXES = (".landmarks.npy", ".flame.npz")
 FLAME_KEYS = ("shape", "exp", "pose", "cam")
@@ -93,6 +95,88 @@ def load_sidecars(video_path, load_landmarks, load_flame):
     return out
 
 
+def check_landmark_sidecar(path, frames):
+    """Problems of one ``<stem>.landmarks.npy`` for a video of ``frames`` frames (empty if fine):
+    ``T x K x 2`` numbers, K = 68 or 74, T = the video's frame count."""
+    try:
+        points = np.load(path, allow_pickle=False, mmap_mode="r")
+    except (OSError, ValueError) as error:
+        return [f"{path}: cannot read the landmark sidecar ({error}); write it again with "
+                "tools/extract_landmarks.py --overwrite"]
+    problems = []
+    if not (np.issubdtype(points.dtype, np.floating) or np.issubdtype(points.dtype, np.integer)):
+        problems.append(f"{path}: landmark sidecar has dtype {points.dtype}; expected float "
+                        "pixel coordinates (NaN rows for frames without a face)")
+    if points.ndim != 3 or points.shape[2] != 2 or points.shape[1] not in LANDMARK_LAYOUTS:
+        problems.append(f"{path}: landmark sidecar has shape {points.shape}; expected T x 68 x 2 "
+                        "or T x 74 x 2 (frames x points x (x, y) pixels)")
+    elif points.shape[0] != frames:
+        problems.append(f"{path}: landmark sidecar has {points.shape[0]} frames but its video has "
+                        f"{frames}; extract it again (tools/extract_landmarks.py --overwrite)")
+    return problems
+
+
+def check_flame_sidecar(path, frames):
+    """Problems of one ``<stem>.flame.npz`` for a video of ``frames`` frames (empty if fine):
+    the arrays shape, exp, pose, cam (and optional tex, light) of T x n numbers each."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {k: data[k] for k in FLAME_KEYS + OPTIONAL_FLAME_KEYS if k in data}
+    except (OSError, ValueError) as error:
+        return [f"{path}: cannot read the FLAME sidecar ({error})"]
+    missing = [k for k in FLAME_KEYS if k not in arrays]
+    problems = [f"{path}: FLAME sidecar lacks the arrays {missing}"] if missing else []
+    for key, array in arrays.items():
+        if not np.issubdtype(array.dtype, np.number) or np.iscomplexobj(array):
+            problems.append(f"{path}: FLAME array {key!r} has dtype {array.dtype}; expected floats")
+        elif array.ndim < 2 or array.shape[0] != frames:
+            problems.append(f"{path}: FLAME array {key!r} has shape {array.shape}; expected "
+                            f"{frames} (the video's frames) x n")
+    return problems
+
+
+def validate_sidecars(videos, load_landmarks, load_flame, frame_size=None, workers=8):
+    """Check the sidecars of every video once, when a dataset is built: each file exists, reads
+    without pickles and has the right shape, dtype and length (the video's frame count, found
+    in parallel). Raises ``ValueError`` listing the problems, each naming its file."""
+    kinds = [(suffix, check) for suffix, check, wanted in (
+        (".landmarks.npy", check_landmark_sidecar, load_landmarks),
+        (".flame.npz", check_flame_sidecar, load_flame)) if wanted]
+    if not kinds:
+        return
+
+    def problems_of(video):
+        try:
+            sidecars = load_sidecar_paths(video, kinds)
+            reader = VideoReader(video, frame_size)
+            frames = len(reader)
+            reader.close()
+        except (OSError, ValueError) as error:
+            return [str(error)]
+        return [problem for path, check in sidecars for problem in check(path, frames)]
+
+    with ThreadPoolExecutor(max_workers=max(1, min(workers, len(videos)))) as pool:
+        problems = [p for found in pool.map(problems_of, videos) for p in found]
+    if problems:
+        shown = "\n  ".join(problems[:10])
+        more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
+        raise ValueError(f"{len(problems)} sidecar problem(s) in the dataset:\n  {shown}{more}")
+
+
+def load_sidecar_paths(video, kinds):
+    """``[(sidecar path, check)]`` of a video, or FileNotFoundError naming the missing one."""
+    folder, stem = os.path.dirname(os.path.normpath(video)), video_stem(video)
+    paths = []
+    for suffix, check in kinds:
+        path = os.path.join(folder, stem + suffix)
+        if not os.path.isfile(path):
+            tool = "tools/extract_landmarks.py" if suffix == ".landmarks.npy" else "tools/fit_3dmm.py"
+            raise FileNotFoundError(f"sidecar missing: {path} (the config loads {suffix} sidecars; "
+                                    f"make it with {tool})")
+        paths.append((path, check))
+    return paths
+
+
 def image_to_tensor(frame):
     """H x W x 3 uint8 -> 3 x H x W float in [0, 1]."""
     return torch.tensor(frame).permute(2, 0, 1).float().div_(255.0)
@@ -118,6 +202,7 @@ class FramesDataset(Dataset):
         self.pairs_list = pairs_list
         self.videos = split_videos(root_dir, is_train, split_seed, test_fraction,
                                    by_identity=id_sampling)
+        validate_sidecars(self.videos, load_landmarks, load_flame, self.frame_size)
         if id_sampling:
             groups = defaultdict(list)
             for video in self.videos:

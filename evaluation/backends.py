@@ -26,6 +26,7 @@ def _inception_forward(net, device, value_range):
             features = net(x)
         features = features[0] if isinstance(features, (list, tuple)) else features
         return features.flatten(1).float().cpu()
+    extract.feature_dimension = 2048  # Inception-v3 pool features: FID needs more samples
     return extract
 
 

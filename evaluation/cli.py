@@ -1,11 +1,15 @@
 """``python run.py --mode evaluate``: run a checkpoint over the test videos and write the tables."""
+import json
 import os
 
 import torch
 
+from atomic_files import write_atomically
+
 from datasets.frames_dataset import build_dataset
 from datasets.video_io import VideoReader, video_stem
-from evaluation.protocols import DEFAULT_METRICS, evaluate, model_animator
+from evaluation.metrics import MEAN_DEFINITION
+from evaluation.protocols import DEFAULT_METRICS, MetricSuite, evaluate, model_animator
 from evaluation.tables import write_tables
 from modules.registry import build_model
 
@@ -37,18 +41,22 @@ def run_evaluate(args, config, run_dir, device):
     params = config["evaluation_params"]
     model = build_model(config, args.checkpoint, device)
     videos = test_videos(config, params["num_videos"])
+    suite = MetricSuite.build(metrics=tuple(params["metrics"] or DEFAULT_METRICS),
+                              options=backend_options(params), encoder=code_encoder(model),
+                              device=device, fid_method=params["fid_method"])
     results = evaluate(model_animator(model), videos, protocols=tuple(params["protocols"]),
-                       batch_size=params["batch_size"], pairs_per_video=params["pairs_per_video"],
-                       max_frames=params["max_frames"], seed=args.seed, device=device,
-                       metrics=tuple(params["metrics"] or DEFAULT_METRICS),
-                       options=backend_options(params), encoder=code_encoder(model),
-                       fid_method=params["fid_method"])
+                       suite=suite, batch_size=params["batch_size"],
+                       pairs_per_video=params["pairs_per_video"], max_frames=params["max_frames"],
+                       seed=args.seed, device=device)
     out_dir = os.path.join(run_dir, "evaluation")
     metadata = {"config": os.path.abspath(args.config), "checkpoint": os.path.abspath(args.checkpoint),
                 "protocols": list(params["protocols"]),
                 "dataset": os.path.abspath(config["dataset_params"]["root_dir"]),
-                "videos": len(videos)}
+                "videos": len(videos), "means": MEAN_DEFINITION}
     paths = write_tables(results, out_dir, metadata=metadata, method=config["model"])
+    paths["timing"] = os.path.join(out_dir, "timing.json")  # where the time went, per part
+    write_atomically(paths["timing"], lambda handle: handle.write(
+        json.dumps(suite.timing.summary(), indent=2).encode()), what="timing")
     with open(paths["md"], encoding="utf-8") as handle:
         print(handle.read())
     print(f"tables: {', '.join(paths.values())}")

@@ -16,6 +16,9 @@ import scipy.linalg
 import torch
 import torch.nn.functional as F
 
+# How every mean over a test set is taken, in evaluate's tables and reconstruction's metrics.json.
+MEAN_DEFINITION = "per frame: every evaluated frame of every video weighs the same, as the papers"
+
 # Wang et al. (2003), "Multi-scale structural similarity": per-scale exponents for 5 scales.
 MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
 SSIM_K1, SSIM_K2 = 0.01, 0.03
@@ -164,6 +167,10 @@ class FeatureStatistics:
         self._mean = self._mean + delta * (n_new / self.count)
         self._scatter = self._scatter + batch_scatter + np.outer(delta, delta) * (n_old * n_new / self.count)
 
+    @property
+    def dimension(self):
+        return 0 if self._mean is None else self._mean.shape[0]
+
     def mean_and_covariance(self):
         """Mean and unbiased covariance (divisor ``n - 1``, as ``numpy.cov``)."""
         if self.count < 2:
@@ -220,6 +227,17 @@ def _trace_sqrt_product_eigh(sigma1, sigma2):
 
 
 def frechet_distance_from_statistics(stats_a, stats_b, method="sqrtm"):
+    """FID from two streams of features. Refused (``ValueError``) unless both streams hold more
+    samples than the features have dimensions: with ``n <= D`` a ``D x D`` covariance has rank
+    ``n - 1 < D``, is singular, and the distance depends on how the square root of a singular
+    matrix is regularized rather than on the images (2048-d Inception features need 2049+)."""
+    for label, stats in (("generated", stats_a), ("real", stats_b)):
+        dimension = stats.dimension
+        if 2 <= stats.count <= dimension:
+            raise ValueError(f"FID needs more samples than feature dimensions: {stats.count} "
+                             f"{label} images for {dimension}-d features make a singular "
+                             f"covariance and a meaningless value; evaluate at least "
+                             f"{dimension + 1} frames (more videos, max_frames, pairs)")
     return frechet_distance(*stats_a.mean_and_covariance(), *stats_b.mean_and_covariance(),
                             method=method)
 

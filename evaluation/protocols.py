@@ -26,6 +26,8 @@ Protocols (rows of the tables):
 Lower level: :func:`evaluate_batches` accumulates any iterator of
 ``(video_name, [(generated, reference, source), ...])`` under one protocol.
 """
+import logging
+import time
 from collections import OrderedDict, defaultdict
 from dataclasses import dataclass, field
 
@@ -36,6 +38,8 @@ from tqdm import tqdm
 from evaluation import metrics as M
 import evaluation.backends  # noqa: F401  (registers the fid and lpips backends)
 from modules.backends import Backend, Skipped, load_backend
+
+log = logging.getLogger(__name__)
 
 # metric key -> (column title, higher is better)
 COLUMNS = OrderedDict([
@@ -101,6 +105,10 @@ class MetricSuite:
     encoder: object = None
     encoder_name: str = "3dmm"
     fid_method: str = "sqrtm"  # or "eigh": same value, faster on CPU (metrics.frechet_distance)
+    timing: "Timing" = None    # where the time goes, per backend (filled while evaluating)
+
+    def __post_init__(self):
+        self.timing = self.timing if self.timing is not None else Timing()
 
     @classmethod
     def build(cls, metrics=DEFAULT_METRICS, backends=None, options=None, encoder=None,
@@ -123,13 +131,54 @@ class MetricSuite:
                 for name, b in items if isinstance(b, Skipped)}
 
 
+# --------------------------------------------------------------------------- timing
+class Timing:
+    """Seconds and images per part of an evaluation (the model, each metric backend, the pixel
+    metrics, the Frechet distance), so a slow evaluation says where its time goes."""
+
+    def __init__(self):
+        self.seconds = OrderedDict()
+        self.images = OrderedDict()
+
+    def run(self, label, images, fn, *args):
+        start = time.perf_counter()
+        try:
+            return fn(*args)
+        finally:
+            self.seconds[label] = self.seconds.get(label, 0.0) + time.perf_counter() - start
+            self.images[label] = self.images.get(label, 0) + images
+
+    def timed(self, label, fn):
+        """``fn`` timed under ``label`` (its first argument's length counts the images)."""
+        return lambda *args, **kwargs: self.run(label, len(args[0]) if args else 0,
+                                                lambda: fn(*args, **kwargs))
+
+    def summary(self):
+        """``{label: {"seconds": s, "images": n, "ms_per_image": m}}``, slowest first."""
+        order = sorted(self.seconds, key=self.seconds.get, reverse=True)
+        return OrderedDict((label, {"seconds": round(self.seconds[label], 3),
+                                    "images": self.images[label],
+                                    "ms_per_image": round(1000 * self.seconds[label]
+                                                          / max(1, self.images[label]), 2)})
+                           for label in order)
+
+    def lines(self):
+        total = sum(self.seconds.values())
+        return [f"{label}: {item['seconds']:.1f} s ({100 * item['seconds'] / max(total, 1e-9):.0f} %)"
+                f", {item['images']} images, {item['ms_per_image']:.1f} ms/image"
+                for label, item in self.summary().items()]
+
+
 # --------------------------------------------------------------------------- accumulation
 class ProtocolAccumulator:
     """Accumulates every metric of one protocol over a stream of frame batches."""
 
-    def __init__(self, suite, protocol):
+    def __init__(self, suite, protocol, planned_frames=None):
         self.suite = suite
         self.spec = PROTOCOLS[protocol] if isinstance(protocol, str) else protocol
+        # frames this protocol will see, when known in advance: FID stops extracting features
+        # (the slowest part on a CPU) as soon as it is clear there will be too few for it
+        self.planned_frames = planned_frames
         self.metrics = [m for m in suite.metrics if m in self.spec.metrics]
         self.means = defaultdict(M.NanMean)
         self.akd = defaultdict(M.KeypointDistance)
@@ -185,28 +234,64 @@ class ProtocolAccumulator:
             if metric not in self.metrics:
                 continue
             try:
-                self.means[column_name(metric)].update(fn(generated, reference))
+                self.means[column_name(metric)].update(
+                    self.suite.timing.run(f"{metric} (pixels)", len(generated), fn, generated,
+                                          reference))
             except ValueError as error:  # e.g. images too small for MS-SSIM's five scales
                 self.skipped.setdefault(column_name(metric), str(error))
         if "lpips" in self.metrics:
             for name, backend in self._live("lpips"):
-                self.means[column_name("lpips", name)].update(backend(generated, reference))
+                self.means[column_name("lpips", name)].update(
+                    self._call("lpips", name, 2 * len(generated), backend, generated, reference))
+
+    def _call(self, kind, name, images, backend, *args):
+        return self.suite.timing.run(f"{kind} ({name})", images, backend, *args)
+
+    def _both(self, kind, name, backend, generated, reference):
+        """One backend call on generated and reference images together (one batch, not two)."""
+        both = self._call(kind, name, 2 * len(generated), backend,
+                          torch.cat([generated, reference]))
+        return both[:len(generated)], both[len(generated):]
 
     def _fid(self, generated, reference):
         if "fid" not in self.metrics:
             return
         for name, backend in self._live("fid"):
+            if self._too_few_for_fid(name, getattr(backend.fn, "feature_dimension", None)):
+                continue
             stats_generated, stats_real = self.fid[name]
-            stats_generated.update(backend(generated))
-            stats_real.update(backend(reference))
+            features_generated, features_real = self._both("fid", name, backend, generated,
+                                                           reference)
+            stats_generated.update(features_generated)
+            stats_real.update(features_real)
+            self._too_few_for_fid(name, stats_generated.dimension)
+
+    def _too_few_for_fid(self, name, dimension):
+        """Whether FID of backend ``name`` is (now known to be) impossible: no more samples
+        planned than its features have dimensions. Records the reason once."""
+        column = column_name("fid", name)
+        if column in self.skipped:
+            return True
+        if dimension is None or self.planned_frames is None or self.planned_frames > dimension:
+            return False
+        self.skipped[column] = (
+            f"FID needs more samples than feature dimensions: this evaluation has "
+            f"{self.planned_frames} frames for {dimension}-d features, which make a singular "
+            f"covariance and a meaningless value; evaluate at least {dimension + 1} frames "
+            "(more videos, max_frames, pairs)")
+        self.fid.pop(name, None)
+        return True
 
     def _landmarks(self, generated, reference):
         if not self._wants("akd", "sms"):
             return
         for name, backend in self._live("landmarks"):
-            points = backend(generated)
             if "akd" in self.metrics:
-                self.akd[name].update(points, backend(reference))
+                points, reference_points = self._both("landmarks", name, backend, generated,
+                                                      reference)
+                self.akd[name].update(points, reference_points)
+            else:
+                points = self._call("landmarks", name, len(generated), backend, generated)
             if "sms" in self.metrics:
                 self._track[name].append(points)
 
@@ -215,19 +300,19 @@ class ProtocolAccumulator:
         if torch.equal(source, first.expand_as(source)):  # one source image for the whole batch
             key = (name, first.data_ptr(), tuple(first.shape))
             if key not in self._source_cache:
-                self._source_cache[key] = backend(first)
+                self._source_cache[key] = self._call("identity", name, 1, backend, first)
             return self._source_cache[key].expand(source.shape[0], -1)
-        return backend(source)
+        return self._call("identity", name, len(source), backend, source)
 
     def _identity(self, generated, reference, source):
         if not self._wants("aeid", "csim"):
             return
         for name, backend in self._live("identity"):
-            embedding = backend(generated)
             if self.spec.identity_reference == "source":
+                embedding = self._call("identity", name, len(generated), backend, generated)
                 target = self._source_embedding(name, backend, source)
             else:
-                target = backend(reference)
+                embedding, target = self._both("identity", name, backend, generated, reference)
             if "aeid" in self.metrics:
                 self.means[column_name("aeid", name)].update(M.identity_distance(embedding, target))
             if "csim" in self.metrics:
@@ -243,7 +328,9 @@ class ProtocolAccumulator:
                                             "no 3DMM encoder given (evaluate(..., encoder=callable))")
             return
         with torch.no_grad():
-            aed, apd = M.expression_and_pose_distance(self.suite.encoder, generated, reference)
+            aed, apd = self.suite.timing.run(
+                f"3dmm encoder ({self.suite.encoder_name})", 2 * len(generated),
+                M.expression_and_pose_distance, self.suite.encoder, generated, reference)
         self.means[column_name("aed", self.suite.encoder_name)].update(aed)
         self.means[column_name("apd", self.suite.encoder_name)].update(apd)
 
@@ -262,7 +349,8 @@ class ProtocolAccumulator:
             values[column_name("sms", name)] = M.finite_mean(per_video)
         for name, (stats_generated, stats_real) in self.fid.items():
             try:
-                values[column_name("fid", name)] = M.frechet_distance_from_statistics(
+                values[column_name("fid", name)] = self.suite.timing.run(
+                    f"fid ({name}) Frechet distance", 0, M.frechet_distance_from_statistics,
                     stats_generated, stats_real, self.suite.fid_method)
             except ValueError as error:
                 self.skipped.setdefault(column_name("fid", name), str(error))
@@ -289,10 +377,12 @@ def _higher(column):
     return next((h for t, h in COLUMNS.values() if t == title), False)
 
 
-def evaluate_batches(video_batches, protocol="reconstruction", suite=None, **suite_options):
-    """Accumulate a protocol over ``[(video_name, [(generated, reference, source), ...]), ...]``."""
+def evaluate_batches(video_batches, protocol="reconstruction", suite=None, planned_frames=None,
+                     **suite_options):
+    """Accumulate a protocol over ``[(video_name, [(generated, reference, source), ...]), ...]``.
+    ``planned_frames``: how many frames will come, when known (see ``ProtocolAccumulator``)."""
     suite = suite or MetricSuite.build(**suite_options)
-    accumulator = ProtocolAccumulator(suite, protocol)
+    accumulator = ProtocolAccumulator(suite, protocol, planned_frames)
     for name, batches in video_batches:
         accumulator.start_video(name)
         for generated, reference, source in batches:
@@ -324,7 +414,7 @@ def frames_to_tensor(frames, indices, device="cpu"):
             tensor = frame.float()
         else:
             array = np.asarray(frame)
-            tensor = torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1).float()
+            tensor = torch.from_numpy(np.require(array, requirements=['C', 'W'])).permute(2, 0, 1).float()
             tensor = tensor / 255.0 if array.dtype == np.uint8 else tensor
         batch.append(tensor)
     return torch.stack(batch).to(device)
@@ -421,6 +511,7 @@ def evaluate(animate, videos, protocols=("reconstruction",), suite=None, batch_s
     """
     suite = suite or MetricSuite.build(device=device, **suite_options)
     videos = list(videos)
+    animate = suite.timing.timed("model (animate)", animate)
     results = []
     for protocol in protocols:
         rng = np.random.default_rng(seed)
@@ -428,8 +519,21 @@ def evaluate(animate, videos, protocols=("reconstruction",), suite=None, batch_s
                                     max_frames, device)
         if progress:
             batches = tqdm(batches, total=len(videos), desc=f"evaluate {protocol}", unit="video")
-        results.append(evaluate_batches(batches, protocol, suite))
+        planned = planned_frames(protocol, videos, pairs_per_video, max_frames)
+        results.append(evaluate_batches(batches, protocol, suite, planned))
+    log.info("evaluation time by part:\n  %s", "\n  ".join(suite.timing.lines()))
     return results
+
+
+def planned_frames(protocol, videos, pairs_per_video, max_frames):
+    """How many generated frames a protocol will evaluate over ``videos``."""
+    counts = [len(video_name_and_frames(v)[1]) for v in videos]
+    counts = [c if max_frames is None else min(c, max_frames) for c in counts]
+    if protocol == "pairs":
+        return sum(2 * pairs_per_video for c in counts if c >= 2)
+    if protocol == "cross" and len({identity_of(video_name_and_frames(v)[0]) for v in videos}) < 2:
+        return 0
+    return sum(counts)  # reconstruction and cross: every (capped) driving frame once
 
 
 def _protocol_batches(protocol, animate, videos, rng, batch_size, pairs_per_video, max_frames,

@@ -8,11 +8,13 @@ the ``skipped`` column, and the JSON keeps ``skipped: {column: reason}``.
 """
 import csv
 import datetime
+import io
 import json
 import math
 import os
 from collections import OrderedDict
 
+from atomic_files import write_atomically
 from evaluation.protocols import COLUMNS
 
 
@@ -117,19 +119,20 @@ def _protocol_table(rows, protocol, notes):
     return lines + (["", "Details: " + "; ".join(details)] if details else [])
 
 
-def write_csv(path, results, method="model", metadata=None):
+def csv_text(results, method="model", metadata=None):
     rows = _rows(results, method)
     columns = _all_columns(rows)
     meta = _metadata(metadata)
     header = ["method", "protocol"] + columns + ["skipped"] + list(meta)
-    with open(path, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(header)
-        for method_name, result in rows:
-            values = [_csv_value(result.columns.get(c)) for c in columns]
-            skipped = "; ".join(f"{c}: {reason}" for c, reason in result.skipped.items())
-            writer.writerow([method_name, result.protocol] + values + [skipped]
-                            + [str(v) for v in meta.values()])
+    handle = io.StringIO(newline="")
+    writer = csv.writer(handle)
+    writer.writerow(header)
+    for method_name, result in rows:
+        values = [_csv_value(result.columns.get(c)) for c in columns]
+        skipped = "; ".join(f"{c}: {reason}" for c, reason in result.skipped.items())
+        writer.writerow([method_name, result.protocol] + values + [skipped]
+                        + [str(v) for v in meta.values()])
+    return handle.getvalue()
 
 
 def _csv_value(value):
@@ -157,9 +160,10 @@ def write_tables(results, out_dir, metadata=None, method="model", stem="metrics"
     os.makedirs(out_dir, exist_ok=True)
     metadata = _metadata(metadata)
     paths = {ext: os.path.join(out_dir, f"{stem}.{ext}") for ext in ("md", "csv", "json")}
-    with open(paths["md"], "w") as handle:
-        handle.write(markdown_table(results, method, metadata))
-    write_csv(paths["csv"], results, method, metadata)
-    with open(paths["json"], "w") as handle:
-        json.dump(to_json(results, method, metadata), handle, indent=2, allow_nan=False)
+    texts = {"md": markdown_table(results, method, metadata),
+             "csv": csv_text(results, method, metadata),
+             "json": json.dumps(to_json(results, method, metadata), indent=2, allow_nan=False)}
+    for ext, path in paths.items():  # each complete or not there (atomic_files.py)
+        write_atomically(path, lambda handle, text=texts[ext]: handle.write(text.encode("utf-8")),
+                         what="table")
     return paths

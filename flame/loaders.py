@@ -84,6 +84,12 @@ class _SparseStandIn(_StandIn):
     """Replaces a scipy.sparse matrix class; rebuilt from its arrays, never from its pickled type."""
 
 
+class RefusedPickleError(pickle.UnpicklingError, ValueError):
+    """A pickle asks for something the restricted loader does not build (it could run code).
+
+    A ``ValueError`` too, so the command line reports it as a message, not a traceback."""
+
+
 def _stand_in_class(base, module, name):
     key = (base, module, name)
     if key not in _STAND_IN_CACHE:
@@ -97,14 +103,14 @@ _STAND_IN_CACHE = {}
 def _safe_reconstructor(cls, base, state):
     """Protocol 0/1 form of object creation, limited to our inert stand-ins."""
     if not (isinstance(cls, type) and issubclass(cls, _StandIn)):
-        raise pickle.UnpicklingError(f"refusing copyreg._reconstructor for {cls!r}")
+        raise RefusedPickleError(f"refusing copyreg._reconstructor for {cls!r}")
     return cls.__new__(cls)
 
 
 def _latin1_bytes(text, encoding="latin1"):
     """How Python 3 writes bytes in a protocol-2 pickle: _codecs.encode(text, 'latin1')."""
     if encoding.lower().replace("-", "") not in ("latin1", "iso88591"):
-        raise pickle.UnpicklingError(f"refusing _codecs.encode with encoding {encoding!r}")
+        raise RefusedPickleError(f"refusing _codecs.encode with encoding {encoding!r}")
     return text.encode("latin1")
 
 
@@ -169,13 +175,29 @@ class RestrictedUnpickler(pickle.Unpickler):
             return _stand_in_class(_ChumpyStandIn, module, name)
         if module.startswith("scipy.sparse") and name in _SPARSE_NAMES:
             return _stand_in_class(_SparseStandIn, module, name)
-        raise pickle.UnpicklingError(
-            f"refusing to load {module}.{name} from {self.source}: only numpy arrays, scipy "
-            "sparse matrices, chumpy arrays" + (" and torch tensors" if self.allow_torch else "")
-            + " are allowed in FLAME asset files")
+        raise RefusedPickleError(
+            f"{self.source}: refused to load it: it asks to build {module}.{name}, and a pickle "
+            "that builds arbitrary objects can run code. FLAME asset files hold only numpy arrays, "
+            "scipy sparse matrices, chumpy arrays" + (" and torch tensors" if self.allow_torch
+                                                      else "")
+            + "; nothing of the file was run. Use the file as its authors publish it, or re-save "
+            "its arrays as plain numpy (flame/loaders.py save_flame_model)")
 
     def persistent_load(self, pid):
-        raise pickle.UnpicklingError(f"refusing persistent id {pid!r} in {self.source}")
+        raise RefusedPickleError(f"{self.source}: refused to load it: persistent id {pid!r} "
+                                 "(FLAME asset files have none); nothing of the file was run")
+
+    def load(self):
+        """Unpickle; a refusal names the file and why, and a corrupt or truncated file becomes
+        a ``ValueError`` naming it."""
+        try:
+            return super().load()
+        except RefusedPickleError:
+            raise
+        except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, IndexError,
+                KeyError, TypeError, ValueError) as error:
+            raise ValueError(f"{self.source}: cannot read it as a pickle ({error}); the file is "
+                             "truncated, corrupt or not a FLAME/DECA asset") from None
 
 
 def _sparse_from_stand_in(obj):

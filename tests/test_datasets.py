@@ -291,9 +291,8 @@ def test_sidecars_loaded_normalized_and_resized(tmp_path):
     assert item["source"].shape == (3, 16, 16)
     assert torch.allclose(item["source_landmarks"][:, 0], torch.ones(68))  # x = right edge = +1
     assert item["source_codes"].shape.shape == (1, 100) and item["driving_codes"].cam[0, 0] == 8.0
-    missing = FramesDataset(str(root), (16, 16, 3), is_train=False, load_landmarks=True)
-    with pytest.raises(FileNotFoundError, match="id2#a#0.landmarks.npy"):
-        missing[0]
+    with pytest.raises(ValueError, match="sidecar missing: .*id2#a#0.landmarks.npy"):
+        FramesDataset(str(root), (16, 16, 3), is_train=False, load_landmarks=True)  # at build
 
 
 def test_audio_is_copied(tmp_path):

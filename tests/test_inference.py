@@ -154,7 +154,7 @@ def test_evaluate_mode_writes_complete_tables(synthetic_root, tmp_path):
                           env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = os.path.join(os.path.dirname(checkpoint), "evaluation")
-    assert sorted(os.listdir(out)) == ["metrics.csv", "metrics.json", "metrics.md"]
+    assert sorted(os.listdir(out)) == ["metrics.csv", "metrics.json", "metrics.md", "timing.json"]
     table = json.load(open(os.path.join(out, "metrics.json")))
     text = json.dumps(table)
     for column in ("L1", "PSNR", "SSIM", "AKD", "FID"):

@@ -393,7 +393,7 @@ def _colour_features(images):
 
 def test_evaluate_batches_perfect_reconstruction_and_skips(empty_hub):
     g = torch.Generator().manual_seed(0)
-    frames = torch.rand(5, 3, 32, 32, generator=g)
+    frames = torch.rand(8, 3, 32, 32, generator=g)  # 8 samples: more than the 6-d features
     suite = _toy_suite(("l1", "psnr", "ssim", "ms_ssim", "lpips", "fid", "aed", "apd"),
                        fid=("pytorch-fid",), lpips=("alex",))
     suite.backends["fid"].append(("colour", Backend("fid", "colour", _colour_features)))
@@ -406,7 +406,7 @@ def test_evaluate_batches_perfect_reconstruction_and_skips(empty_hub):
     assert "161 pixels" in result.skipped["MS-SSIM"]
     assert "alexnet-owt" in result.skipped["LPIPS (alex)"]
     assert "FID (pytorch-fid)" in result.skipped
-    assert result.details["frames"] == 5 and result.details["videos"] == 1
+    assert result.details["frames"] == 8 and result.details["videos"] == 1
     darker = [(g * 0.5, r, s) for g, r, s in video]
     worse = evaluate_batches([("v0", darker)], "reconstruction", suite)
     assert worse.columns["FID (colour)"] > 0.01 and worse.columns["L1"] > 0.1

@@ -18,7 +18,9 @@ For each input video:
 Resumable: outputs are written to temp files and renamed when complete, and a small state file per
 input (``<output>/.crop_state/<name>.json``) marks it done, so a second run skips it. A video with no
 face, a corrupt file or an unreadable codec is logged and recorded as skipped, never a crash
-(``--retry-failed`` tries failed ones again).
+(``--retry-failed`` tries failed ones again); the exit status is 1 when an input failed. The state
+records the settings (crop options, detector): a run with other settings crops again and replaces
+the earlier tubes.
 
     python tools/crop_video.py --input raw_videos/ --output vox_crops/ --min-frames 64
 """
@@ -38,7 +40,8 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 from modules.backends import Skipped, first_available  # noqa: E402
 from datasets.video_io import VideoReader, VideoWriter, describe_error  # noqa: E402
-from tools.video_io import find_inputs, relative_stem, remove_stale_temporaries  # noqa: E402
+from tools.video_io import (find_inputs, relative_stem, remove_stale_temporaries,  # noqa: E402
+                            write_atomically)
 
 log = logging.getLogger("tools.crop_video")
 STATE_DIR = ".crop_state"
@@ -218,38 +221,69 @@ def _load_state(path):
 
 
 def _save_state(path, record):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    temp = path + ".tmp"
-    with open(temp, "w") as handle:
-        json.dump(record, handle, indent=1)
-    os.replace(temp, path)
+    write_atomically(path, lambda handle: handle.write(json.dumps(record, indent=1).encode()),
+                     what="crop state")
 
 
-def _already_done(state, out_dir, retry_failed):
+def _already_done(state, out_dir, retry_failed, settings):
+    """Whether the recorded result stands: same settings, and every output still there."""
     if state is None or (retry_failed and state.get("status") == "error"):
+        return False
+    if state.get("settings") != settings:
         return False
     return all(os.path.isfile(os.path.join(out_dir, o)) for o in state.get("outputs", []))
 
 
+def _changed_settings(state, settings):
+    """``'size 256 -> 128, ...'`` between a state file's settings and these (None if none)."""
+    if state is None or state.get("settings") == settings:
+        return None
+    old = state.get("settings")
+    if old is None:
+        return "a state file without recorded settings (an older version)"
+    return ", ".join(f"{k} {old.get(k)} -> {v}" for k, v in settings.items() if old.get(k) != v)
+
+
+def _remove_replaced_outputs(state, result, out_dir):
+    """Delete the tubes an earlier run with other settings wrote that this run did not rewrite."""
+    for name in set(state.get("outputs", [])) - set(result.outputs):
+        path = os.path.join(out_dir, name)
+        if os.path.isfile(path):
+            os.remove(path)
+            log.info("removed %s (written with other settings)", path)
+
+
 def crop_folder(input_path, out_dir, detect, options=None, retry_failed=False, progress=True):
-    """Crop every video under ``input_path``; returns ``{input: CropResult or 'skipped'}``."""
+    """Crop every video under ``input_path``; returns ``{input: CropResult or 'skipped'}``.
+
+    An input counts as done when its state file records the same settings (crop options and
+    detector) and its outputs exist; with other settings it is cropped again and the tubes of
+    the earlier settings that were not rewritten are removed."""
     options = options or CropOptions()
+    settings = {**options.__dict__, "detector": getattr(detect, "name", None)}
     os.makedirs(out_dir, exist_ok=True)
     summary = {}
     for path in tqdm(find_inputs(input_path, frame_folders=False), desc="videos", unit="video",
                      disable=not progress):
         name = relative_stem(path, input_path).replace(os.sep, "#")
         state_file = state_path(out_dir, name)
-        if _already_done(_load_state(state_file), out_dir, retry_failed):
+        state = _load_state(state_file)
+        if _already_done(state, out_dir, retry_failed, settings):
             log.info("already done: %s", path)
             summary[path] = "skipped"
             continue
+        changed = _changed_settings(state, settings)
+        if changed:
+            log.info("%s: cropping again, the settings changed (%s)", path, changed)
         result = crop_one(path, out_dir, name, detect, options, progress)
         if result.status == "ok":
             log.info("%s: %d tube(s) from %d frames", path, len(result.outputs), result.frames)
         else:
             log.warning("skipped %s (%s): %s", path, result.status, result.message)
-        _save_state(state_file, {"input": os.path.abspath(path), **result.__dict__})
+        if state is not None and result.status != "error":
+            _remove_replaced_outputs(state, result, out_dir)
+        _save_state(state_file, {"input": os.path.abspath(path), "settings": settings,
+                                 **result.__dict__})
         summary[path] = result
     return summary
 
@@ -281,9 +315,25 @@ def main(argv=None):
     options = CropOptions(**{k: getattr(args, k) for k in CropOptions().__dict__})
     summary = crop_folder(args.input, args.output, detect, options, args.retry_failed,
                           progress=not args.no_progress)
-    failed = sum(1 for r in summary.values() if isinstance(r, CropResult) and r.status != "ok")
-    log.info("%d input(s): %d skipped as done, %d without tubes or failed", len(summary),
-             sum(1 for r in summary.values() if r == "skipped"), failed)
+    return crop_exit_status(summary, args.input)
+
+
+def crop_exit_status(summary, input_path):
+    """Exit code 1 when an input failed (corrupt file, codec, a full disk), when no input was
+    found, or when no input gave a tube; 0 otherwise (some videos without a face are normal)."""
+    results = [r for r in summary.values() if isinstance(r, CropResult)]
+    failed = sum(1 for r in results if r.status == "error")
+    faceless = sum(1 for r in results if r.status == "no-face")
+    done = sum(1 for r in summary.values() if r == "skipped")
+    log.info("%d input(s): %d cropped, %d already done, %d without a face tube, %d failed",
+             len(summary), len(results) - failed - faceless, done, faceless, failed)
+    if not summary:
+        log.error("no videos found under %s", input_path)
+        return 1
+    if failed or (results and faceless == len(results) and not done):
+        log.error("%s; exit status 1", f"{failed} input(s) failed" if failed
+                  else "no input gave a face tube")
+        return 1
     return 0
 
 

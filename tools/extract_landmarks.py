@@ -26,7 +26,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 from modules.backends import Skipped, first_available  # noqa: E402
 from datasets.video_io import VideoReader  # noqa: E402
 from tools import video_io  # noqa: E402
-from tools.video_io import for_each_video, log_summary, write_atomically  # noqa: E402
+from tools.video_io import exit_status, for_each_video, write_atomically  # noqa: E402
 
 log = logging.getLogger("tools.extract_landmarks")
 SUFFIX = ".landmarks.npy"
@@ -100,8 +100,7 @@ def main(argv=None):
     log.info("landmarks: %s", landmarker.name)
     summary = extract_folder(args.input, landmarker, args.output, args.overwrite, args.batch_size,
                              progress=not args.no_progress)
-    log_summary(log, summary)
-    return 0
+    return exit_status(log, summary, args.input)
 
 
 if __name__ == "__main__":

@@ -8,8 +8,8 @@ import os
 
 from tqdm import tqdm
 
-from datasets.video_io import (IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, describe_error, natural_key,
-                               temporary_path)
+from atomic_files import remove_stale_temporaries, write_atomically  # noqa: F401 (the tools' API)
+from datasets.video_io import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, describe_error, natural_key
 
 
 def image_files(folder):
@@ -60,20 +60,6 @@ def sidecar_path(path, input_root, output_root, suffix):
     return os.path.join(output_root, relative_stem(path, input_root) + suffix)
 
 
-def write_atomically(path, write):
-    """Call ``write(binary file)`` on a temporary file beside ``path``, then rename it onto
-    ``path``: an existing file at ``path`` is always a complete one."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    temp = temporary_path(path)
-    try:
-        with open(temp, "wb") as handle:
-            write(handle)
-        os.replace(temp, path)
-    finally:
-        if os.path.exists(temp):
-            os.remove(temp)
-
-
 def for_each_video(input_path, target_of, is_done, process, log=logging.getLogger("tools"),
                    progress=True):
     """The resumable loop of the sidecar tools: for each input under ``input_path``, with
@@ -107,10 +93,15 @@ def log_summary(log, summary):
     return failed
 
 
-def remove_stale_temporaries(directory, stem):
-    """Delete the temp files a killed run left behind for outputs named ``stem...``."""
-    if not os.path.isdir(directory):
-        return
-    for name in os.listdir(directory):
-        if name.startswith(f".{stem}") and ".tmp" in name:
-            os.remove(os.path.join(directory, name))
+def exit_status(log, summary, input_path):
+    """The tool's exit code after :func:`log_summary`: 1 when any input failed or none was found
+    (a script or a pipeline must not take a failed run for a finished one), else 0."""
+    failed = log_summary(log, summary)
+    if not summary:
+        log.error("no videos or frame folders found under %s", input_path)
+        return 1
+    if failed:
+        log.error("%d of %d input(s) failed (see the warnings above); exit status 1", failed,
+                  len(summary))
+        return 1
+    return 0
