@@ -53,12 +53,17 @@ class TDMMPretrain(AnimationModel):
 
     @torch.no_grad()
     def visuals(self, batch, generated):
-        """Frames with the target landmarks, and with the FLAME landmarks the codes project to."""
+        """Source and driving frames with their target landmarks, and with the FLAME landmarks
+        their codes project to."""
         codes = generated["codes"]
         projected = weak_perspective(self.flame(codes).landmarks, codes.cam)
         frames, targets = generated["frames"], torch.nan_to_num(generated["landmarks"], nan=-2.0)
-        return [("target landmarks", draw_keypoints(frames, targets, radius=1)),
-                ("3DMM landmarks", draw_keypoints(frames, projected, radius=1))]
+        size = batch["source"].shape[0]
+        columns = []
+        for name, rows in (("source", slice(0, size)), ("driving", slice(size, None))):
+            columns += [(f"{name} landmarks", draw_keypoints(frames[rows], targets[rows], 1)),
+                        (f"{name} 3DMM", draw_keypoints(frames[rows], projected[rows], 1))]
+        return columns
 
     def encode_codes(self, images):
         return self.encoder(images).codes
