@@ -25,7 +25,7 @@ from modules.one_euro import smooth_sequence
 
 CROP_SCALE = 1.8          # face box side -> crop side (tools/crop_video.py --scale)
 DETECT_WIDTH = 640        # larger frames are shrunk to this width for detection
-DETECT_MIN_WIDTH = 320    # smaller frames are enlarged to this width (HOG misses faces < ~80 px)
+DETECT_MIN_WIDTH = 256    # smaller frames are enlarged to this width (HOG misses small faces)
 MIN_FACE = 32             # detections narrower than this (original pixels) are ignored
 
 
@@ -48,7 +48,7 @@ def square_around(box, scale=CROP_SCALE):
 
 def _place_axis(centre, side, length):
     """Start of a ``side``-long window centred on ``centre``, moved to lie inside ``[0, length]``
-    when it fits, else to cover it (padding on both sides, as little as possible)."""
+    when it fits, else (longer than ``length``) moved only as far as needed to cover it."""
     start = centre - side / 2.0
     low, high = sorted((0.0, length - side))
     return float(np.clip(start, low, high))
@@ -161,15 +161,27 @@ def follow_face(detections):
     return chosen
 
 
-def crop_track(detections, height, width, fps=25.0, scale=CROP_SCALE, min_cutoff=0.3, beta=2.0):
+def limit_steps(values, max_step):
+    """A ``T x D`` sequence whose rows move at most ``max_step`` per step (per element) towards
+    the given ones: bounded change, and a smooth catch-up after a jump."""
+    out = np.array(values, np.float64)
+    for t in range(1, len(out)):
+        out[t] = out[t - 1] + np.clip(out[t] - out[t - 1], -max_step, max_step)
+    return out
+
+
+def crop_track(detections, height, width, fps=25.0, scale=CROP_SCALE, min_cutoff=0.3, beta=2.0,
+               max_step=0.05):
     """Integer ``T x 3`` crops ``(left, top, side)`` for a video from its per-frame detections.
 
-    The crop square (centre and side, in units of the median face crop so the filter's settings
-    do not depend on the resolution) is smoothed with the One-Euro filter at the video's ``fps``:
+    The crop square (centre and side, in units of the median face crop so the settings do not
+    depend on the resolution) is smoothed with the One-Euro filter at the video's ``fps``:
     ``min_cutoff`` (Hz) removes detector jitter while the head rests, ``beta`` lets the crop
     follow a head that moves. Frames without a face keep the last good crop (the first good one
-    before it). Returns ``(crops, found)``: ``found`` marks the frames where a face was detected;
-    when none was, ``crops`` is ``None``.
+    before it). Then no frame moves the crop by more than ``max_step`` crop sides (a face found
+    again elsewhere after frames without one is reached over a few frames, not in a jump).
+    Returns ``(crops, found)``: ``found`` marks the frames where a face was detected; when none
+    was, ``crops`` is ``None``.
     """
     boxes = follow_face(detections)
     found = np.array([box is not None for box in boxes], bool)
@@ -178,8 +190,8 @@ def crop_track(detections, height, width, fps=25.0, scale=CROP_SCALE, min_cutoff
     squares = np.array([square_around(box, scale) if box is not None else (np.nan,) * 3
                         for box in boxes])
     unit = float(np.median(squares[found, 2]))
-    smooth = smooth_sequence(np.nan_to_num(squares / unit), fps, min_cutoff, beta,
-                             valid=found) * unit
+    smooth = smooth_sequence(np.nan_to_num(squares / unit), fps, min_cutoff, beta, valid=found)
+    smooth = limit_steps(smooth, max_step) * unit
     crops = np.array([place_square(x, y, s, height, width, fit=False) for x, y, s in smooth])
     return crops, found
 

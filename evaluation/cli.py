@@ -4,7 +4,8 @@ import os
 import torch
 
 from datasets.frames_dataset import build_dataset
-from datasets.video_io import VideoReader, video_stem
+from datasets.cropped_video import FaceCropper
+from datasets.video_io import video_stem
 from evaluation.protocols import DEFAULT_METRICS, evaluate, model_animator
 from evaluation.tables import write_tables
 from modules.registry import build_model
@@ -20,11 +21,13 @@ def backend_options(params):
     return options
 
 
-def test_videos(config, num_videos):
+def test_videos(config, num_videos, crop="auto"):
+    """``(name, frames)`` of the test videos; videos not yet cropped to the frame size are cut
+    by ``crop`` (datasets/cropped_video.py, which logs the crop used)."""
     dataset = build_dataset(config, is_train=False)
-    size = config["dataset_params"]["frame_shape"][:2]
+    cropper = FaceCropper(crop, config["dataset_params"]["frame_shape"][:2])
     paths = dataset.videos[:num_videos] if num_videos else dataset.videos
-    return [(video_stem(p), VideoReader(p, size)) for p in paths]
+    return [(video_stem(p), cropper.video(p)) for p in paths]
 
 
 def code_encoder(model):
@@ -36,7 +39,7 @@ def code_encoder(model):
 def run_evaluate(args, config, run_dir, device):
     params = config["evaluation_params"]
     model = build_model(config, args.checkpoint, device)
-    videos = test_videos(config, params["num_videos"])
+    videos = test_videos(config, params["num_videos"], getattr(args, "crop", "auto"))
     results = evaluate(model_animator(model), videos, protocols=tuple(params["protocols"]),
                        batch_size=params["batch_size"], pairs_per_video=params["pairs_per_video"],
                        max_frames=params["max_frames"], seed=args.seed, device=device,
