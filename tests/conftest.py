@@ -71,3 +71,13 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def face_detector():
+    """The face detector the crop path uses (dlib's HOG here); tests needing one skip without."""
+    from datasets.cropped_video import load_face_detector
+    found = load_face_detector()
+    if not found:
+        pytest.skip(f"no face detector: {found.reason}")
+    return found

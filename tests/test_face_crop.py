@@ -166,13 +166,9 @@ def test_no_face_in_a_picture(caplog):
 
 
 # --------------------------------------------------------------------------- real detector
-@pytest.fixture(scope="module")
-def detector():
-    from datasets.cropped_video import load_face_detector
-    found = load_face_detector()
-    if not found:
-        pytest.skip(f"no face detector: {found.reason}")
-    return found
+@pytest.fixture
+def detector(face_detector):
+    return face_detector
 
 
 @pytest.fixture(scope="module")
