@@ -92,13 +92,15 @@ class FaceCropper:
         self.mode, self.frame_size = mode, tuple(int(v) for v in frame_size[:2])
         self.face_index, self.scale, self.default_fps = face_index, scale, default_fps
         self._detector, self._detector_reason = detector, None
-        if mode != "none" and self.frame_size[0] != self.frame_size[1]:
-            raise ValueError(f"face crops are square but the model's frame size is "
-                             f"{self.frame_size[1]}x{self.frame_size[0]}; use crop='none'")
 
     def wants(self, shape):
         """Whether an input of ``shape`` (H, W, ...) is cropped."""
-        return self.mode == "face" or (self.mode == "auto" and tuple(shape[:2]) != self.frame_size)
+        wanted = self.mode == "face" or (self.mode == "auto"
+                                         and tuple(shape[:2]) != self.frame_size)
+        if wanted and self.frame_size[0] != self.frame_size[1]:
+            raise ValueError(f"face crops are square but the model's frame size is "
+                             f"{self.frame_size[1]}x{self.frame_size[0]}; use crop 'none'")
+        return wanted
 
     @property
     def detector(self):

@@ -253,5 +253,7 @@ def test_frame_size_videos_are_not_cropped_and_sidecars_follow_crops(detector, d
     assert crop_sidecars(same, {"flame": 1}) == {"flame": 1}
     uncropped = FaceCropper("none", (64, 64)).video(path)
     assert isinstance(uncropped, VideoReader) and uncropped[0].shape == (64, 64, 3)
-    with pytest.raises(ValueError, match="square"):
-        FaceCropper("auto", (144, 176))
+    wide_model = FaceCropper("auto", (144, 176), detector=counting)
+    assert wide_model.picture(np.zeros((144, 176, 3), np.uint8)).crop is None
+    with pytest.raises(ValueError, match="face crops are square.*176x144"):
+        wide_model.picture(np.zeros((100, 100, 3), np.uint8))
