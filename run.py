@@ -65,7 +65,8 @@ def build_parser():
                          help="use the driving frame closest to the source as reference")
     animate.add_argument("--best_frame", type=int, default=None,
                          help="use this driving frame index as the reference")
-    animate.add_argument("--crop", default="auto", choices=["auto", "face", "none"],
+    from datasets.cropped_video import CROP_MODES
+    animate.add_argument("--crop", default="auto", choices=CROP_MODES,
                          help="face crop of real inputs (also for reconstruction and evaluate): "
                          "auto crops inputs whose size differs from the model's frame size "
                          "around the face (videos: a smoothed crop track) and uses inputs of the "

@@ -173,6 +173,18 @@ def test_reconstruction_and_evaluation_crop_uncropped_videos(fomm, inputs, tmp_p
     entry = metrics["videos"]["id01#drive#000"]
     assert entry["frames"] == 12 and "face crop track" in entry["crop"]
     assert "crop: " in caplog.text and "id01#drive#000.mp4" in caplog.text
+    # a video of the frame size is used as it is (and an mp4 streams through reconstruction)
+    small = tmp_path / "small"
+    squashed = list(VideoReader(inputs["clip"], (32, 32)))
+    for split in ("train", "test"):
+        os.makedirs(small / split)
+        write_video(str(small / split / "id02#square#000.mp4"), squashed, fps=10)
+    small_config = load_config("tiny-fomm.yaml", [*TINY_FOMM, f"dataset_params.root_dir={small}",
+                                                  "dataset_params.id_sampling=false"])
+    plain = reconstruct(model, build_dataset(small_config, is_train=False), str(tmp_path / "rec2"),
+                        "cpu", small_config["reconstruction_params"])
+    assert plain["videos"]["id02#square#000"]["frames"] == 12
+    assert "crop" not in plain["videos"]["id02#square#000"]
     videos = test_videos(config, None)
     assert len(videos) == 1 and isinstance(videos[0][1], CroppedVideoReader)
     assert videos[0][1][0].shape == (32, 32, 3)
