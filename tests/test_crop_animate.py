@@ -190,3 +190,13 @@ def test_reconstruction_and_evaluation_crop_uncropped_videos(fomm, inputs, tmp_p
     assert videos[0][1][0].shape == (32, 32, 3)
     plain = test_videos(config, None, crop="none")
     assert isinstance(plain[0][1], VideoReader)
+
+
+@pytest.mark.slow
+def test_paste_back_figure_command(fomm, tmp_path):
+    from tools.paste_back_figure import make_figure
+    path = make_figure(fomm[0], str(tmp_path / "figure.png"), frame_index=3, frames=6,
+                       save_inputs=str(tmp_path / "inputs"))
+    figure = imageio.imread(path)
+    assert figure.shape[0] == 384 + 18 and figure.shape[1] > 3 * 300
+    assert sorted(os.listdir(tmp_path / "inputs")) == ["drive.mp4", "photo.png"]
