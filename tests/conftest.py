@@ -81,3 +81,17 @@ def face_detector():
     if not found:
         pytest.skip(f"no face detector: {found.reason}")
     return found
+
+
+@pytest.fixture(scope="session")
+def synthetic_portrait():
+    """A 208 x 256 synthetic portrait photo with the face right of centre, and its landmarks."""
+    from datasets.synthetic_photos import portrait_photo
+    return portrait_photo()
+
+
+@pytest.fixture(scope="session")
+def drifting_frames():
+    """12 frames (176 x 144) of a synthetic face drifting left to right, and its landmarks."""
+    from datasets.synthetic_photos import drifting_clip
+    return drifting_clip(frames=12)

@@ -27,15 +27,14 @@ def detector(face_detector):
 
 
 @pytest.fixture(scope="module")
-def inputs(tmp_path_factory):
+def inputs(tmp_path_factory, synthetic_portrait, drifting_frames):
     """A 208 x 256 portrait photo (png) with the face right of centre, and a 176 x 144 driving
     clip (12 frames at 10 fps, mp4) of another identity whose face drifts across the frame;
     plus the clip's first 4 frames (for the every-model test)."""
-    from datasets.synthetic_photos import drifting_clip, portrait_photo
     folder = tmp_path_factory.mktemp("real")
-    photo, _ = portrait_photo()
+    photo = synthetic_portrait[0]
     imageio.imwrite(str(folder / "photo.png"), photo)
-    frames, _ = drifting_clip(frames=12)
+    frames = drifting_frames[0]
     return {"photo": photo, "photo_path": str(folder / "photo.png"),
             "clip": write_video(str(folder / "drive.mp4"), frames, fps=10),
             "short": write_video(str(folder / "short.mp4"), frames[:4], fps=10)}

@@ -171,19 +171,17 @@ def detector(face_detector):
     return face_detector
 
 
-@pytest.fixture(scope="module")
-def portrait():
-    from datasets.synthetic_photos import portrait_photo
-    return portrait_photo()
+@pytest.fixture
+def portrait(synthetic_portrait):
+    return synthetic_portrait
 
 
 @pytest.fixture(scope="module")
-def drifting(tmp_path_factory):
+def drifting(tmp_path_factory, drifting_frames):
     """A 176 x 144 clip (12 frames, 10 fps) whose face drifts left to right, written as mp4, and
     the same with frame 5 replaced by an empty frame (no face)."""
     from conftest import write_video
-    from datasets.synthetic_photos import drifting_clip
-    frames, landmarks = drifting_clip(frames=12)
+    frames, landmarks = drifting_frames
     folder = tmp_path_factory.mktemp("drifting")
     gap = frames.copy()
     gap[5] = gap[5].mean(axis=(0, 1), keepdims=True).astype(np.uint8)
