@@ -13,6 +13,14 @@ driving frame, one pass finds the reference (keeping only small descriptors) and
 generates frames in order, reading and writing one batch at a time. This equals FOMM's
 "forward and backward from the best frame" without holding the video in memory. The output has the
 driving video's frame count and fps, and its audio track when it has one.
+
+Real photos and videos (docs/crop_and_paste.md): with ``crop='auto'`` an input whose size is not
+the model's frame size is cropped around its face as the training data was (the source: largest
+face or ``face_index``; the driving video: a smoothed crop track), so relative motion, the
+reference search and ``adapt_scale`` see face crops, and a face that moves across the driving
+frame drives the source in place. ``paste_back=True`` resizes each animated crop back and blends it
+into the source photo (feathered), so the video has the photo's resolution and background;
+``result_size`` sets the size of the crop-only video instead.
 """
 import os
 
@@ -20,9 +28,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from datasets.cropped_video import FaceCropper
 from datasets.frames_dataset import image_to_tensor
 from datasets.video_io import (VideoReader, VideoWriter, check_output_path, copy_audio,
-                               read_image, temporary_path, video_stem)
+                               resize_frame, temporary_path, video_stem)
 from logger import to_uint8_image
 from reconstruction import batched
 
@@ -124,6 +133,27 @@ class DrivingVideo:
         self.reader.close()
 
 
+class FaceCroppedVideo(DrivingVideo):
+    """A driving video of real footage: every frame cut by the video's smoothed face crop track
+    (:meth:`datasets.cropped_video.FaceCropper.video`; frames already of the model's size are
+    used as they are), so the reference search, ``adapt_scale`` and every driving state see the
+    face as the model was trained on it."""
+
+    def __init__(self, path, cropper, default_fps=25.0):
+        self.path = path
+        self.reader = cropper.video(path)
+        self.fps = self.reader.fps or default_fps
+        self.audio_source = path
+        self.crop_note = getattr(self.reader, "note", "")
+
+
+def driving_from_path(path, size, cropper, default_fps=25.0):
+    """The driving source of a video path: face-cropped unless ``cropper.mode`` is 'none'."""
+    if cropper.mode == "none":
+        return DrivingVideo(path, size, default_fps)
+    return FaceCroppedVideo(path, cropper, default_fps)
+
+
 class EditSequence:
     """Driving by edits of the source itself (no driving video): each element is the source with
     one :class:`modules.editing.FaceEdit` applied, rendered through ``model.edit`` (models with
@@ -169,14 +199,6 @@ def edit_sequence_from_args(edit=None, sweep=None, fps=25.0):
     return EditSequence(edits, fps)
 
 
-def load_source(source_image, size):
-    """A path or an H x W x C uint8 array (any size; gray/RGBA converted) -> H x W x 3 uint8."""
-    if isinstance(source_image, str):
-        return read_image(source_image, size)
-    from datasets.video_io import to_rgb_uint8
-    return to_rgb_uint8(source_image, "source image", size)
-
-
 def choose_reference(driving, model, source_state, source_array, relative, best_frame,
                      find_best_frame, best_frame_by, batch_size, device):
     """Index of the driving element relative motion is measured from (0 by default)."""
@@ -191,52 +213,134 @@ def choose_reference(driving, model, source_state, source_array, relative, best_
     return 0
 
 
-@torch.no_grad()
+class Animation:
+    """One source picture animated by one driving sequence: ``frames()`` yields the output frames
+    (H x W x 3 uint8) in order, one batch of driving frames at a time. Use it as a context manager
+    (or call ``close()``). :func:`animate` writes them to a video; the arguments are its own.
+
+    Attributes: ``source`` (a :class:`datasets.cropped_video.CroppedPicture`: the photo, the
+    model's input and the crop), ``driving`` (the driving source), ``reference_index``, ``fps``.
+    """
+
+    @torch.no_grad()
+    def __init__(self, model, source_image, driving, relative=True, adapt_scale=False,
+                 best_frame=None, find_best_frame=False, device=None, batch_size=8,
+                 default_fps=25.0, best_frame_by="auto", crop="auto", face_index=None,
+                 paste_back=False, result_size=None):
+        if paste_back and result_size:
+            raise ValueError("result_size sets the size of the crop-only video; with paste_back "
+                             "the output has the source photo's size (drop one of them)")
+        if result_size is not None and int(result_size) < 1:
+            raise ValueError(f"result_size must be a positive number of pixels, got {result_size}")
+        self.model, self.device = model, device or next(model.parameters()).device
+        self.batch_size, self.adapt_scale = batch_size, adapt_scale
+        self.paste_back, self.result_size = paste_back, result_size
+        model.eval()
+        size = model_frame_size(model)
+        cropper = FaceCropper(crop, size, face_index, default_fps=default_fps)
+        self.source = cropper.picture(source_image)
+        self.source_state = model.encode_source(
+            image_to_tensor(self.source.frame)[None].to(self.device))
+        if isinstance(driving, (str, os.PathLike)):
+            driving = driving_from_path(os.fspath(driving), size, cropper, default_fps)
+        self.driving, self.relative = driving, relative
+        if isinstance(driving, EditSequence):
+            driving.source_state, self.relative = self.source_state, False
+        try:
+            self.reference_index = choose_reference(
+                driving, model, self.source_state, self.source.frame, self.relative, best_frame,
+                find_best_frame, best_frame_by, batch_size, self.device)
+            self.reference_state = driving.reference_state(model, self.reference_index,
+                                                           self.device) if self.relative else None
+        except BaseException:
+            driving.close()
+            raise
+
+    def __len__(self):
+        return len(self.driving)
+
+    @property
+    def fps(self):
+        return self.driving.fps
+
+    def output_frame(self, image):
+        """A generated image (3 x S x S in [0, 1]) as an output frame: pasted into the photo,
+        resized to ``result_size``, or as it is."""
+        frame = to_uint8_image(image)
+        if self.paste_back:
+            return self.source.paste(frame)
+        if self.result_size:
+            return resize_frame(frame, (int(self.result_size),) * 2)
+        return frame
+
+    @torch.no_grad()
+    def frames(self, progress=False):
+        bar = tqdm(total=len(self.driving), desc="animate", disable=not progress)
+        for driving_state in self.driving.states(self.model, self.batch_size, self.device):
+            out = self.model.generate(self.source_state, driving_state, self.reference_state,
+                                      relative=self.relative, adapt_scale=self.adapt_scale)
+            for image in out["prediction"]:
+                yield self.output_frame(image)
+            bar.update(out["prediction"].shape[0])
+        bar.close()
+
+    def crop_notes(self):
+        """What was cropped: the source's and the driving video's notes."""
+        notes = {"source": self.source.note}
+        if getattr(self.driving, "crop_note", ""):
+            notes["driving"] = self.driving.crop_note
+        return notes
+
+    def close(self):
+        self.driving.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
 def animate(model, source_image, driving, output_path, relative=True, adapt_scale=False,
             best_frame=None, find_best_frame=False, device=None, batch_size=8, default_fps=25.0,
-            progress=True, best_frame_by="auto"):
-    """Write ``output_path``; returns a dict with frame count, fps, reference frame and audio flag.
+            progress=True, best_frame_by="auto", crop="auto", face_index=None, paste_back=False,
+            result_size=None):
+    """Write ``output_path``; returns a dict with frame count, fps, reference frame, audio flag,
+    output size (width, height) and the crop notes.
 
     ``source_image``: a path or an H x W x C uint8 array. ``driving``: a video path or a driving
     source object (see :class:`DrivingVideo`). ``best_frame_by``: how ``find_best_frame``
     compares frames: 'landmarks' (a face landmark detector), 'model' (the model's pose
-    descriptor) or 'auto' (landmarks when a detector loads).
+    descriptor) or 'auto' (landmarks when a detector loads). ``crop``: 'auto' (inputs not of the
+    model's frame size are cropped around the face), 'face' (always) or 'none' (resized whole);
+    ``face_index``: which face of the source (numbered from the left; default the largest).
+    ``paste_back``: blend each animated crop back into the source photo (output of the photo's
+    size); ``result_size``: side of the crop-only output (default: the model's frame size).
     """
     check_output_path(output_path, [source_image, getattr(driving, "path", driving)])
-    device = device or next(model.parameters()).device
-    model.eval()
-    size = model_frame_size(model)
-    source_array = load_source(source_image, size)
-    source_state = model.encode_source(image_to_tensor(source_array)[None].to(device))
-    if isinstance(driving, (str, os.PathLike)):
-        driving = DrivingVideo(os.fspath(driving), size, default_fps)
-    if isinstance(driving, EditSequence):
-        driving.source_state, relative = source_state, False
     silent_path = temporary_path(output_path)  # video without audio, before muxing
-    written = 0
+    written, size = 0, None
     try:
-        reference_index = choose_reference(driving, model, source_state, source_array, relative,
-                                           best_frame, find_best_frame, best_frame_by,
-                                           batch_size, device)
-        reference_state = driving.reference_state(model, reference_index, device) \
-            if relative else None
-        with VideoWriter(silent_path, driving.fps) as writer:
-            bar = tqdm(total=len(driving), desc="animate", disable=not progress)
-            for driving_state in driving.states(model, batch_size, device):
-                out = model.generate(source_state, driving_state, reference_state,
-                                     relative=relative, adapt_scale=adapt_scale)
-                for image in out["prediction"]:
-                    writer.write(to_uint8_image(image))
-                written += out["prediction"].shape[0]
-                bar.update(out["prediction"].shape[0])
-            bar.close()
-        audio = copy_audio(silent_path, driving.audio_source, output_path)
+        with Animation(model, source_image, driving, relative, adapt_scale, best_frame,
+                       find_best_frame, device, batch_size, default_fps, best_frame_by, crop,
+                       face_index, paste_back, result_size) as animation:
+            with VideoWriter(silent_path, animation.fps) as writer:
+                for frame in animation.frames(progress):
+                    writer.write(frame)
+                    written, size = written + 1, frame.shape[1::-1]
+            audio = copy_audio(silent_path, animation.driving.audio_source, output_path)
     finally:
-        driving.close()
         if os.path.exists(silent_path):
             os.remove(silent_path)
-    return {"frames": written, "fps": driving.fps, "reference_frame": reference_index,
-            "audio": audio, "path": output_path}
+    return {"frames": written, "fps": animation.fps, "reference_frame": animation.reference_index,
+            "audio": audio, "path": output_path, "size": tuple(int(v) for v in size),
+            "crop": animation.crop_notes()}
+
+
+def crop_options(args):
+    """``animate``'s crop and output arguments from the command line's flags."""
+    return {"crop": args.crop, "face_index": args.face_index, "paste_back": args.paste_back,
+            "result_size": args.result_size}
 
 
 def run_animate(args, config, run_dir, device):
@@ -262,9 +366,13 @@ def run_animate(args, config, run_dir, device):
             if editing else args.driving_video
         info = animate(model, args.source_image, driving, result, relative, adapt,
                        args.best_frame, find_best, device, params["batch_size"], params["fps"],
-                       best_frame_by=params["best_frame_by"])
-        print(f"animate: {info['frames']} frames at {info['fps']:.2f} fps (reference frame "
-              f"{info['reference_frame']}, audio {'kept' if info['audio'] else 'none'}) -> {result}")
+                       best_frame_by=params["best_frame_by"], **crop_options(args))
+        for what, note in info["crop"].items():
+            print(f"crop ({what}): {note}")
+        width, height = info["size"]
+        print(f"animate: {info['frames']} frames of {width}x{height} at {info['fps']:.2f} fps "
+              f"(reference frame {info['reference_frame']}, audio "
+              f"{'kept' if info['audio'] else 'none'}) -> {result}")
         return [info]
     dataset = build_dataset(config, is_train=False)
     pairs = PairedDataset(dataset, params["num_pairs"], seed=args.seed,
@@ -272,7 +380,7 @@ def run_animate(args, config, run_dir, device):
     results = []
     for i in tqdm(range(len(pairs)), desc="pairs"):
         pair = pairs[i]
-        source_reader = VideoReader(pair["source_video"], model_frame_size(model, config))
+        source_reader = VideoReader(pair["source_video"])   # as stored: crop decides below
         source_frame = source_reader[0]
         source_reader.close()
         name = f"{video_stem(pair['source_video'])}-{video_stem(pair['driving_video'])}"
@@ -280,6 +388,6 @@ def run_animate(args, config, run_dir, device):
                                os.path.join(out_dir, name + params["format"]), relative, adapt,
                                args.best_frame, find_best, device, params["batch_size"],
                                default_fps=params["fps"], progress=False,
-                               best_frame_by=params["best_frame_by"]))
+                               best_frame_by=params["best_frame_by"], **crop_options(args)))
     print(f"animate: {len(results)} pairs -> {out_dir}")
     return results

@@ -91,25 +91,32 @@ def reconstruct_video(model, reader, device, batch_size=8, writer=None, png_dir=
     return float(torch.cat(errors).mean()), index
 
 
-def reconstruct(model, dataset, out_dir, device, params):
-    """Every test video (or the first ``num_videos``); returns the metrics dict it writes."""
+def reconstruct(model, dataset, out_dir, device, params, crop="auto"):
+    """Every test video (or the first ``num_videos``); returns the metrics dict it writes.
+    ``crop``: how videos not yet cropped to the frame size are cut (datasets/cropped_video.py);
+    the crop used is logged and kept in the metrics."""
+    from datasets.cropped_video import FaceCropper, crop_sidecars
     os.makedirs(out_dir, exist_ok=True)
     count = len(dataset.videos)
     if params["num_videos"] is not None:
         count = min(count, params["num_videos"])
     per_video = {}
+    cropper = FaceCropper(crop, dataset.frame_size)
     for i in tqdm(range(count), desc="reconstruction"):
-        reader = dataset.reader(i)
+        reader = cropper.video(dataset.video_path(i), dataset.on_mismatch)
         name = video_stem(dataset.video_path(i))
         png_dir = os.path.join(out_dir, "png", name) if params["save_png"] else None
         if png_dir:
             os.makedirs(png_dir, exist_ok=True)
         fps = reader.fps or params["fps"]
         with VideoWriter(os.path.join(out_dir, name + params["format"]), fps) as writer:
+            sidecars = crop_sidecars(reader, video_sidecars(model, dataset.video_path(i)))
             l1, frames = reconstruct_video(model, reader, device, params["batch_size"], writer,
-                                           png_dir, video_sidecars(model, dataset.video_path(i)))
+                                           png_dir, sidecars)
         reader.close()
         per_video[name] = {"l1": l1, "frames": frames}
+        if getattr(reader, "note", ""):
+            per_video[name]["crop"] = reader.note
     l1s, frames = [v["l1"] for v in per_video.values()], [v["frames"] for v in per_video.values()]
     metrics = {"protocol": "same-identity reconstruction, frame 0 as source",
                # one definition of the mean with evaluate's L1 column (evaluation/metrics.py)
@@ -127,7 +134,8 @@ def run_reconstruction(args, config, run_dir, device):
     model = build_model(config, args.checkpoint, device)
     dataset = build_dataset(config, is_train=False)
     out_dir = os.path.join(run_dir, "reconstruction")
-    metrics = reconstruct(model, dataset, out_dir, device, config["reconstruction_params"])
+    metrics = reconstruct(model, dataset, out_dir, device, config["reconstruction_params"],
+                          crop=getattr(args, "crop", "auto"))
     print(f"reconstruction: mean L1 {metrics['mean_l1']:.4f} over the frames of "
           f"{len(metrics['videos'])} videos -> {out_dir}")
     return metrics

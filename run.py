@@ -66,6 +66,22 @@ def build_parser():
                          help="use the driving frame closest to the source as reference")
     animate.add_argument("--best_frame", type=int, default=None,
                          help="use this driving frame index as the reference")
+    from datasets.cropped_video import CROP_MODES
+    animate.add_argument("--crop", default="auto", choices=CROP_MODES,
+                         help="face crop of real inputs (also for reconstruction and evaluate): "
+                         "auto crops inputs whose size differs from the model's frame size "
+                         "around the face (videos: a smoothed crop track) and uses inputs of the "
+                         "frame size as they are; face crops every input; none resizes inputs "
+                         "whole (docs/crop_and_paste.md)")
+    animate.add_argument("--face_index", type=int, default=None,
+                         help="which face of the source to animate, numbered from the left "
+                         "(default: the largest)")
+    animate.add_argument("--paste_back", action="store_true",
+                         help="blend the animated face back into the source photo: the video has "
+                         "the photo's resolution and background")
+    animate.add_argument("--result_size", type=int, default=None,
+                         help="side in pixels of the crop-only video (default: the model's frame "
+                         "size); not with --paste_back")
     animate.add_argument("--edit", default=None,
                          help="edit the source instead of driving it (models with a head pose): "
                          "e.g. 'yaw=0,pitch=0' (frontalize), 'yaw+=20,jaw=10,exp[3]=1.5'")

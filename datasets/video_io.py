@@ -309,6 +309,7 @@ class VideoReader:
                 if count >= self._length:
                     break
                 count += 1
+                self.last_raw_size = np.asarray(frame).shape[:2]  # as __getitem__ records it
                 yield to_rgb_uint8(frame, self.path, self.frame_size, self.on_mismatch)
         except Exception as error:
             raise VideoReadError(f"{self.path}: decoding stopped at frame {count} ({error})") from None

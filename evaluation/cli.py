@@ -7,7 +7,8 @@ import torch
 from atomic_files import write_atomically
 
 from datasets.frames_dataset import build_dataset
-from datasets.video_io import VideoReader, video_stem
+from datasets.cropped_video import FaceCropper
+from datasets.video_io import video_stem
 from evaluation.metrics import MEAN_DEFINITION
 from evaluation.protocols import DEFAULT_METRICS, MetricSuite, evaluate, model_animator
 from evaluation.tables import write_tables
@@ -24,11 +25,13 @@ def backend_options(params):
     return options
 
 
-def test_videos(config, num_videos):
+def test_videos(config, num_videos, crop="auto"):
+    """``(name, frames)`` of the test videos; videos not yet cropped to the frame size are cut
+    by ``crop`` (datasets/cropped_video.py, which logs the crop used)."""
     dataset = build_dataset(config, is_train=False)
-    size = config["dataset_params"]["frame_shape"][:2]
+    cropper = FaceCropper(crop, config["dataset_params"]["frame_shape"][:2])
     paths = dataset.videos[:num_videos] if num_videos else dataset.videos
-    return [(video_stem(p), VideoReader(p, size)) for p in paths]
+    return [(video_stem(p), cropper.video(p)) for p in paths]
 
 
 def code_encoder(model):
@@ -40,7 +43,7 @@ def code_encoder(model):
 def run_evaluate(args, config, run_dir, device):
     params = config["evaluation_params"]
     model = build_model(config, args.checkpoint, device)
-    videos = test_videos(config, params["num_videos"])
+    videos = test_videos(config, params["num_videos"], getattr(args, "crop", "auto"))
     suite = MetricSuite.build(metrics=tuple(params["metrics"] or DEFAULT_METRICS),
                               options=backend_options(params), encoder=code_encoder(model),
                               device=device, fid_method=params["fid_method"])

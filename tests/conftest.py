@@ -71,3 +71,27 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def face_detector():
+    """The face detector the crop path uses (dlib's HOG here); tests needing one skip without."""
+    from datasets.cropped_video import load_face_detector
+    found = load_face_detector()
+    if not found:
+        pytest.skip(f"no face detector: {found.reason}")
+    return found
+
+
+@pytest.fixture(scope="session")
+def synthetic_portrait():
+    """A 208 x 256 synthetic portrait photo with the face right of centre, and its landmarks."""
+    from datasets.synthetic_photos import portrait_photo
+    return portrait_photo()
+
+
+@pytest.fixture(scope="session")
+def drifting_frames():
+    """12 frames (176 x 144) of a synthetic face drifting left to right, and its landmarks."""
+    from datasets.synthetic_photos import drifting_clip
+    return drifting_clip(frames=12)

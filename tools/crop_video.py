@@ -10,7 +10,8 @@ For each input video:
    overlaps most (IoU >= ``--iou``), so a tube never drifts far from where it started and one fixed
    crop fits all its frames; a tube ends after ``--max-gap`` frames without a match.
 3. Keep tubes of at least ``--min-frames`` frames. The crop is the union of the tube's boxes, made
-   square, enlarged ``--scale`` times about its centre and moved (or shrunk) to lie in the frame.
+   square, enlarged ``--scale`` times about its centre and moved (or shrunk) to lie in the frame
+   (the rule of ``datasets/face_crop.py``, which ``animate.py --crop`` applies to real photos).
 4. Stream the video again and write every kept tube with imageio-ffmpeg to
    ``<name>#<first>#<end>.mp4`` (``name`` = the input's path below ``--input`` with ``#`` between
    folders, so VoxCeleb's ``id/video/clip.mp4`` becomes ``id#video#clip#...``).
@@ -32,13 +33,14 @@ import sys
 from dataclasses import dataclass, field
 
 import numpy as np
-from PIL import Image
 from tqdm import tqdm
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from modules.backends import Skipped, first_available  # noqa: E402
+from datasets.face_crop import (CROP_SCALE, crop_frame, detect_scaled, iou,  # noqa: E402
+                                square_crop)
 from datasets.video_io import VideoReader, VideoWriter, describe_error  # noqa: E402
 from tools.video_io import (find_inputs, relative_stem, remove_stale_temporaries,  # noqa: E402
                             write_atomically)
@@ -50,7 +52,7 @@ STATE_DIR = ".crop_state"
 @dataclass
 class CropOptions:
     size: int = 256
-    scale: float = 1.8
+    scale: float = CROP_SCALE
     iou: float = 0.25
     min_frames: int = 64
     max_gap: int = 2
@@ -84,31 +86,6 @@ class CropResult:
     message: str = ""
 
 
-# --------------------------------------------------------------------------- geometry
-def iou(a, b):
-    """Intersection over union of two ``(x1, y1, x2, y2)`` boxes."""
-    w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = w * h
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
-
-
-def square_crop(union, height, width, scale):
-    """``(left, top, side)`` of the square crop around ``union`` enlarged ``scale`` times."""
-    x1, y1, x2, y2 = union[:4]
-    side = min(max(x2 - x1, y2 - y1) * scale, width, height)
-    left = np.clip((x1 + x2 - side) / 2.0, 0, width - side)
-    top = np.clip((y1 + y2 - side) / 2.0, 0, height - side)
-    return int(round(left)), int(round(top)), int(round(side))
-
-
-def crop_frame(frame, box, size):
-    left, top, side = box
-    patch = frame[top:top + side, left:left + side]
-    return np.asarray(Image.fromarray(patch).resize((size, size), Image.BICUBIC))
-
-
 # --------------------------------------------------------------------------- tracking
 def link_detections(active, finished, boxes, t, options):
     """Attach this frame's boxes to active tubes (greedy by IoU with each tube's first box)."""
@@ -133,19 +110,6 @@ def link_detections(active, finished, boxes, t, options):
     active[:] = still
 
 
-def detect_scaled(detect, frame, options):
-    """Run the detector on a frame shrunk to ``detect_width``; boxes in full-frame pixels."""
-    factor = min(1.0, options.detect_width / frame.shape[1]) if options.detect_width else 1.0
-    small = frame
-    if factor < 1.0:
-        size = (max(1, round(frame.shape[1] * factor)), max(1, round(frame.shape[0] * factor)))
-        small = np.asarray(Image.fromarray(frame).resize(size, Image.BILINEAR))
-    boxes = np.asarray(detect(small), np.float64).reshape(-1, 5)
-    boxes[:, :4] /= factor
-    sides = np.minimum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1])
-    return boxes[sides >= options.min_face]
-
-
 def find_tubes(source, detect, options, progress=False):
     """Pass 1: tubes of one video; returns ``(tubes, frame_count, (height, width))``."""
     active, finished, boxes, shape, t = [], [], np.zeros((0, 5)), None, -1
@@ -154,7 +118,7 @@ def find_tubes(source, detect, options, progress=False):
     for t, frame in enumerate(frames):
         shape = frame.shape[:2]
         if t % max(1, options.detect_every) == 0:
-            boxes = detect_scaled(detect, frame, options)
+            boxes = detect_scaled(detect, frame, options.detect_width, options.min_face)
         link_detections(active, finished, boxes, t, options)
     return finished + active, t + 1, shape
 
