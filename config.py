@@ -310,5 +310,7 @@ def load_config(name_or_path, overrides, model_schema):
 
 
 def dump_config(config, path):
-    with open(path, "w", encoding="utf-8") as handle:
-        yaml.safe_dump(config, handle, sort_keys=False)
+    """Write ``config`` as YAML, atomically (a failed write leaves the previous file)."""
+    from atomic_files import write_atomically
+    text = yaml.safe_dump(config, sort_keys=False).encode("utf-8")
+    write_atomically(path, lambda handle: handle.write(text), "config")
