@@ -245,8 +245,10 @@ def run_animate(args, config, run_dir, device):
     relative = params["relative"] and not args.absolute
     adapt = params["adapt_movement_scale"] or args.adapt_scale
     find_best = params["find_best_frame"] or args.find_best_frame
+    from modules.precision import SpeedSettings, prepare_inference
     from modules.registry import build_model
-    model = build_model(config, args.checkpoint, device)
+    model = prepare_inference(build_model(config, args.checkpoint, device),
+                              SpeedSettings.for_inference(config, "animate_params"), device)
     out_dir = os.path.join(run_dir, "animation")
     editing = args.edit or args.edit_sweep
     if args.source_image or args.driving_video or editing:

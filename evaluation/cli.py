@@ -7,6 +7,7 @@ from datasets.frames_dataset import build_dataset
 from datasets.video_io import VideoReader, video_stem
 from evaluation.protocols import DEFAULT_METRICS, evaluate, model_animator
 from evaluation.tables import write_tables
+from modules.precision import SpeedSettings, prepare_inference
 from modules.registry import build_model
 
 
@@ -35,7 +36,8 @@ def code_encoder(model):
 @torch.no_grad()
 def run_evaluate(args, config, run_dir, device):
     params = config["evaluation_params"]
-    model = build_model(config, args.checkpoint, device)
+    model = prepare_inference(build_model(config, args.checkpoint, device),
+                              SpeedSettings.for_inference(config, "evaluation_params"), device)
     videos = test_videos(config, params["num_videos"])
     results = evaluate(model_animator(model), videos, protocols=tuple(params["protocols"]),
                        batch_size=params["batch_size"], pairs_per_video=params["pairs_per_video"],
