@@ -16,7 +16,7 @@ from tqdm import tqdm
 from checkpoint import (CHECKPOINT_LATEST, make_checkpoint, restore_model,
                         set_rng_state)
 from datasets.frames_dataset import DatasetRepeater
-from datasets.loader import DevicePrefetcher, make_loader, move_to  # noqa: F401 (move_to: API)
+from datasets.loader import DevicePrefetcher, make_loader
 from logger import Logger
 from modules.precision import (SpeedSettings, StepPrecision, channels_last, prepare_model,
                                to_float32)
