@@ -61,8 +61,9 @@ def wrap_distributed(model, device):
 
 def check_finite(losses, step, last_checkpoint):
     """Raise :class:`NonFiniteLossError` if a loss (a tensor or a number) is NaN or Inf."""
-    bad = {name: float(value) for name, value in losses.items() 
-           if not math.isfinite(float(value.detach() if torch.is_tensor(value) else value))}
+    values = {name: float(value.detach() if torch.is_tensor(value) else value)
+              for name, value in losses.items()}
+    bad = {name: value for name, value in values.items() if not math.isfinite(value)}
     if bad:
         where = last_checkpoint or "(none written yet)"
         raise NonFiniteLossError(

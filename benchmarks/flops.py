@@ -141,9 +141,9 @@ def utilization(flops_per_second, peak_tflops):
 # One column layout for every speed script, so benchmarks/gpu_check.sh prints one table. An item
 # is a generated image (training), a driving frame (animation) or a training pair (the loader).
 COLUMNS = [("run", "run", "{}"), ("setting", "setting", "{}"), ("batch", "batch", "{}"),
-           ("items/s", "items_per_second", "{:.1f}"), ("ms/batch", "ms_per_batch", "{:.1f}"),
+           ("items/s", "items_per_second", "{:.4g}"), ("ms/batch", "ms_per_batch", "{:.1f}"),
            ("peak MiB", "memory", "{}"), ("GFLOP/item", "gflop", "{:.1f}"),
-           ("GFLOP/item gen. side", "generator_gflop", "{:.1f}"), ("TFLOP/s", "tflops", "{:.2f}"),
+           ("GFLOP/item gen. side", "generator_gflop", "{:.1f}"), ("TFLOP/s", "tflops", "{:.3g}"),
            ("peak TFLOP/s", "peak_tflops", "{:.0f}"), ("utilization", "utilization", "{:.1%}")]
 
 

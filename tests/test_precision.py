@@ -235,7 +235,7 @@ def test_inductor_compiled_training_step_matches_eager(root):
         torch.manual_seed(100 + index)
         losses, _ = train_step(model, model, optimizers, batch, index)
         for name, value in expected.items():
-            assert float(losses[name]) == pytest.approx(value, rel=1e-3), name
+            assert float(losses[name].detach()) == pytest.approx(value, rel=1e-3), name
 
 
 # ----------------------------------------------------------------------------- inference
