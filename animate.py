@@ -352,8 +352,10 @@ def run_animate(args, config, run_dir, device):
     find_best = params["find_best_frame"] or args.find_best_frame
     if args.result_video:  # before the model loads: a wrong path fails at once
         check_output_path(args.result_video, [args.source_image, args.driving_video])
+    from modules.precision import SpeedSettings, prepare_inference
     from modules.registry import build_model
-    model = build_model(config, args.checkpoint, device)
+    model = prepare_inference(build_model(config, args.checkpoint, device),
+                              SpeedSettings.for_inference(config, "animate_params"), device)
     out_dir = os.path.join(run_dir, "animation")
     editing = args.edit or args.edit_sweep
     if args.source_image or args.driving_video or editing:

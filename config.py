@@ -85,6 +85,17 @@ BASE_DEFAULTS = {
         "visual_every_steps": 500,
         # Stop after this many iterations in total (None = train all epochs); for tests and smoke runs.
         "max_steps": None,
+        # Speed switches (modules/precision.py, docs/performance.md): fp32 | bf16 | fp16 autocast,
+        # NHWC memory layout, torch.compile of every network (options: torch.compile's keywords).
+        "precision": "fp32",
+        "channels_last": False,
+        "compile": False,
+        "compile_options": {},
+        # Losses stay on the device and are read (one host sync) every this many iterations: the
+        # log, tensorboard, the progress bar (their mean over those steps) and the NaN check.
+        "log_every_steps": 25,
+        # Batches each loader worker prepares ahead (with num_workers > 0).
+        "prefetch_factor": 4,
     },
     "reconstruction_params": {
         "num_videos": None,
@@ -92,6 +103,11 @@ BASE_DEFAULTS = {
         "save_png": True,
         "batch_size": 8,
         "fps": 25,
+        # Speed switches as in train_params (null = the train_params value).
+        "precision": None,
+        "channels_last": None,
+        "compile": None,
+        "compile_options": None,
     },
     "animate_params": {
         "num_pairs": 50,
@@ -106,6 +122,11 @@ BASE_DEFAULTS = {
         "batch_size": 8,
         # Used when the driving video has no frame rate of its own (frame folders, stacked images).
         "fps": 25,
+        # Speed switches as in train_params (null = the train_params value).
+        "precision": None,
+        "channels_last": None,
+        "compile": None,
+        "compile_options": None,
     },
     "evaluation_params": {
         # reconstruction (frame 0 drives every frame), pairs (random same-identity frame pairs,
@@ -120,6 +141,11 @@ BASE_DEFAULTS = {
         "fid_method": "sqrtm",          # or eigh: the same value, faster on CPU
         "arcface_path": None,           # ONNX ArcFace-style identity network (AEID/CSIM)
         "fid_inception_path": None,     # pytorch-fid's pt_inception-2015-12-05 weights
+        # Speed switches as in train_params (null = the train_params value).
+        "precision": None,
+        "channels_last": None,
+        "compile": None,
+        "compile_options": None,
     },
     # radius in pixels of the keypoint dots in the visual grids
     "visualizer_params": {"kp_size": 3},

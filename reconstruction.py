@@ -131,7 +131,9 @@ def reconstruct(model, dataset, out_dir, device, params, crop="auto"):
 def run_reconstruction(args, config, run_dir, device):
     from datasets.frames_dataset import build_dataset
     from modules.registry import build_model
-    model = build_model(config, args.checkpoint, device)
+    from modules.precision import SpeedSettings, prepare_inference
+    model = prepare_inference(build_model(config, args.checkpoint, device),
+                              SpeedSettings.for_inference(config, "reconstruction_params"), device)
     dataset = build_dataset(config, is_train=False)
     out_dir = os.path.join(run_dir, "reconstruction")
     metrics = reconstruct(model, dataset, out_dir, device, config["reconstruction_params"],

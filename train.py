@@ -6,19 +6,21 @@ discriminator step. It knows nothing about a specific model.
 """
 import contextlib
 import logging
+import math
 import os
 from collections import Counter
 
 import torch
-from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
 from checkpoint import (CHECKPOINT_LATEST, make_checkpoint, restore_model,
                         set_rng_state)
-from datasets.frames_dataset import DatasetRepeater, collate_items
-from flame.codes import FaceCodes
+from datasets.frames_dataset import DatasetRepeater
+from datasets.loader import DevicePrefetcher, make_loader
 from logger import Logger, RunLock
+from modules.precision import (SpeedSettings, StepPrecision, channels_last, prepare_model,
+                               to_float32)
 from modules.registry import checkpoint_for
 from modules.sync_batchnorm import convert_sync_batchnorm
 
@@ -83,9 +85,11 @@ def recovery_advice(last_good):
 
 
 def check_finite(losses, step, last_checkpoint):
-    """Stop on a NaN/Inf loss. ``last_checkpoint``: ``(path, step)`` of the last checkpoint
-    known finite, or None."""
-    bad = {name: float(value) for name, value in losses.items() if not torch.isfinite(value).all()}
+    """Raise :class:`NonFiniteLossError` if a loss (a tensor or a number) is NaN or Inf.
+    ``last_checkpoint``: ``(path, step)`` of the last checkpoint known finite, or None."""
+    values = {name: float(value.detach() if torch.is_tensor(value) else value)
+              for name, value in losses.items()}
+    bad = {name: value for name, value in values.items() if not math.isfinite(value)}
     if bad:
         raise NonFiniteLossError(f"non-finite loss at iteration {step}: {bad}. Training stopped. "
                                  f"{recovery_advice(last_checkpoint)}.")
@@ -113,14 +117,6 @@ def check_model_finite(model, step, last_good, when):
                                   f"state was not saved. {recovery_advice(last_good)}.")
 
 
-def move_to(batch, device):
-    if torch.is_tensor(batch) or isinstance(batch, FaceCodes):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, dict):
-        return {k: move_to(v, device) for k, v in batch.items()}
-    return batch
-
-
 def build_optimizers(model, train_params):
     """Adam per optimizer group of the model, each with ``train_params['lr_<group>']``."""
     return {name: torch.optim.Adam(params, lr=train_params[f"lr_{name}"],
@@ -128,31 +124,74 @@ def build_optimizers(model, train_params):
             for name, params in model.optimizer_groups().items()}
 
 
-def train_step(net, model, optimizers, batch, step=0, last_checkpoint=None):
+def train_step(net, model, optimizers, batch, step=0, last_checkpoint=None, precision=None,
+               check=True):
     """One iteration: generator step (all non-discriminator groups), then the discriminator step.
 
-    ``net`` is the model or its DDP wrapper. Returns ``(losses, generated)`` with detached outputs.
+    ``net`` is the model or its DDP wrapper. Returns ``(losses, generated)`` with detached outputs;
+    the losses stay tensors on the device. ``precision`` (:class:`modules.precision.StepPrecision`,
+    None = float32): the forward passes run under its autocast, backward passes and optimizer
+    steps through its gradient scaler (fp16). ``check``: raise :class:`NonFiniteLossError` (naming
+    ``step`` and ``last_checkpoint``) on a NaN/Inf loss now, which reads the losses on the host;
+    the training loop passes False and checks them when it reads them anyway (:class:`LossLog`).
     """
-    losses, generated = net(batch, step="generator")
-    check_finite(losses, step, last_checkpoint)
-    sum(losses.values()).backward()
+    precision = precision or StepPrecision()
+    with precision.autocast():
+        losses, generated = net(batch, step="generator")
+    if check:
+        check_finite(losses, step, last_checkpoint)
+    precision.backward(sum(losses.values()))
     for name, opt in optimizers.items():
         if name not in model.discriminator_groups:
-            opt.step()
+            precision.step(opt)
     for opt in optimizers.values():
         opt.zero_grad(set_to_none=True)
     generated = {k: v.detach() if torch.is_tensor(v) else v for k, v in generated.items()}
     if model.discriminator_groups:
-        d_losses = net(batch, step="discriminator", generated=generated)
-        check_finite(d_losses, step, last_checkpoint)
+        with precision.autocast():
+            d_losses = net(batch, step="discriminator", generated=generated)
+        if check:
+            check_finite(d_losses, step, last_checkpoint)
         if d_losses:
-            sum(d_losses.values()).backward()
+            precision.backward(sum(d_losses.values()))
             for name in model.discriminator_groups:
-                optimizers[name].step()
+                precision.step(optimizers[name])
             for opt in optimizers.values():
                 opt.zero_grad(set_to_none=True)
         losses = {**losses, **d_losses}
+    precision.update()
     return losses, generated
+
+
+class LossLog:
+    """The losses of every step, kept on the device until read: one host sync per read instead of
+    one per loss per step (a sync stalls the CPU until the GPU has finished, so the next step's
+    kernels cannot be queued meanwhile).
+
+    ``add(step, losses)`` after each step; ``read()`` returns ``[(step, {name: float})]`` for the
+    steps added since the last read, in order.
+    """
+
+    def __init__(self):
+        self.pending = []                       # (step, names, 1-D tensor of the values)
+
+    def __len__(self):
+        return len(self.pending)
+
+    def add(self, step, losses):
+        values = torch.stack([value.detach().float().reshape(()) for value in losses.values()])
+        self.pending.append((step, tuple(losses), values))
+
+    def read(self):
+        if not self.pending:
+            return []
+        flat = torch.cat([values for _, _, values in self.pending]).tolist()   # the one sync
+        rows, start = [], 0
+        for step, names, _ in self.pending:
+            rows.append((step, dict(zip(names, flat[start:start + len(names)]))))
+            start += len(names)
+        self.pending = []
+        return rows
 
 
 def apply_optimizer_settings(optimizers, schedulers, train_params, epoch):
@@ -218,6 +257,9 @@ def _train(config, model, dataset, log_dir, checkpoint_path, device, rank, world
     if distributed:  # batch statistics over the global batch (SAFA trains with synchronized BN)
         model = convert_sync_batchnorm(model, device)
     model.to(device).train()
+    speed = SpeedSettings.from_params(train_params)
+    prepare_model(model, speed)                      # channels_last, compile (modules/precision.py)
+    precision = StepPrecision(speed, device)
     optimizers = build_optimizers(model, train_params)
     schedulers = {name: torch.optim.lr_scheduler.MultiStepLR(
         opt, train_params["epoch_milestones"], gamma=train_params["lr_decay"])
@@ -259,46 +301,62 @@ def _train(config, model, dataset, log_dir, checkpoint_path, device, rank, world
                          f"one step needs {train_params['batch_size']}; lower "
                          "train_params.batch_size or raise num_repeats")
     sampler = ResumableSampler(repeated, world_size, rank, seed)
-    loader = DataLoader(repeated, batch_size=batch_size, sampler=sampler, drop_last=True,
-                        num_workers=train_params["num_workers"], pin_memory=str(device) != "cpu",
-                        collate_fn=collate_items,
-                        generator=torch.Generator().manual_seed(seed),
-                        # workers live across epochs (and keep their per-video caches)
-                        persistent_workers=train_params["num_workers"] > 0)
+    loader = make_loader(repeated, batch_size, sampler, train_params["num_workers"], device, seed,
+                         train_params["prefetch_factor"])
+    batches = DevicePrefetcher(loader, device, channels_last if speed.channels_last else None)
     logger = Logger(log_dir, config, enabled=rank == 0)
+    if rank == 0 and speed != SpeedSettings():
+        log.info("training in %s", speed.describe())
     max_steps = train_params["max_steps"]
     steps_per_epoch = len(sampler) // batch_size
 
+    history, loss_log, totals, count = [], LossLog(), {}, 0
+
+    def read_losses(progress=None):
+        """Read the losses kept on the device (one host sync): check them, log every step's,
+        add them to the epoch's sums; the progress bar shows their mean over the steps read."""
+        nonlocal count
+        rows = loss_log.read()
+        for at_step, values in rows:
+            check_finite(values, at_step, last_good)
+            history.append(values)
+            logger.log_scalars(at_step, values)
+            for k, v in values.items():
+                totals[k] = totals.get(k, 0.0) + v
+            count += 1
+        if progress is not None and rows:
+            means = {k: sum(v[k] for _, v in rows) / len(rows) for k in rows[-1][1]}
+            progress.set_postfix({"mean of last steps": len(rows),
+                                  **{k: f"{v:.3f}" for k, v in means.items()}}, refresh=False)
+
     def save(epoch, batch_in_epoch, name=CHECKPOINT_LATEST):
-        """Every rank checks its parameters and buffers (identical under DDP, so all stop
-        together); rank 0 then writes the checkpoint."""
+        """Every rank checks its losses so far and its parameters and buffers (identical
+        under DDP, so all stop together); rank 0 then writes the checkpoint."""
         nonlocal last_good
+        read_losses()                                   # no checkpoint after a non-finite loss
         check_model_finite(model, step, last_good, f"before saving {name}")
         state = make_checkpoint(model, optimizers, schedulers, epoch, step, batch_in_epoch, config)
         path = logger.save_checkpoint(state, name)
         last_good = (path, step) if path else last_good
         return path
 
-    history = []
     for epoch in range(start_epoch, train_params["num_epochs"]):
         sampler.set_epoch(epoch)
         sampler.skip = skip_batches * batch_size
-        totals, count = {}, 0
-        progress = tqdm(loader, desc=f"epoch {epoch}", disable=rank != 0, dynamic_ncols=True,
+        totals.clear()
+        count = 0
+        progress = tqdm(batches, desc=f"epoch {epoch}", disable=rank != 0, dynamic_ncols=True,
                         initial=skip_batches, total=steps_per_epoch)
         for batch_index, batch in enumerate(progress, start=skip_batches):
-            batch = move_to(batch, device)
-            losses, generated = train_step(net, model, optimizers, batch, step, last_good)
+            losses, generated = train_step(net, model, optimizers, batch, step, last_good,
+                                           precision, check=False)
             step += 1
-            values = {k: float(v.detach()) for k, v in losses.items()}
-            history.append(values)
-            for k, v in values.items():
-                totals[k] = totals.get(k, 0.0) + v
-            count += 1
-            progress.set_postfix({k: f"{v:.3f}" for k, v in values.items()}, refresh=False)
-            logger.log_scalars(step, values)
+            loss_log.add(step, losses)
+            if step % max(1, train_params["log_every_steps"]) == 0:
+                read_losses(progress)
             if train_params["visual_every_steps"] and step % train_params["visual_every_steps"] == 0:
-                logger.save_visuals(f"step_{step:07d}", model.visuals(batch, generated))
+                logger.save_visuals(f"step_{step:07d}",
+                                    model.visuals(batch, to_float32(generated)))
             if max_steps is not None and step >= max_steps:
                 save(epoch, batch_index + 1)
                 logger.close()
@@ -307,12 +365,14 @@ def _train(config, model, dataset, log_dir, checkpoint_path, device, rank, world
                     step % train_params["checkpoint_every_steps"] == 0:
                 save(epoch, batch_index + 1)
         skip_batches = 0
+        read_losses(progress)
         for sched in schedulers.values():
             sched.step()
         if count:
             logger.log_epoch(epoch, {k: v / count for k, v in totals.items()})
-            logger.save_visuals(f"epoch_{epoch:04d}", model.visuals(batch, generated))
-        save(epoch + 1, 0)  # checks parameters and buffers first: the end-of-epoch check
+            logger.save_visuals(f"epoch_{epoch:04d}",
+                                model.visuals(batch, to_float32(generated)))
+        save(epoch + 1, 0)  # checks losses, parameters and buffers first: the end-of-epoch check
         if (epoch + 1) % train_params["checkpoint_freq"] == 0:
             save(epoch + 1, 0, name=f"checkpoint_epoch_{epoch + 1:04d}.pth")
     logger.close()

@@ -12,6 +12,7 @@ from datasets.video_io import video_stem
 from evaluation.metrics import MEAN_DEFINITION
 from evaluation.protocols import DEFAULT_METRICS, MetricSuite, evaluate, model_animator
 from evaluation.tables import write_tables
+from modules.precision import SpeedSettings, prepare_inference
 from modules.registry import build_model
 
 
@@ -42,7 +43,8 @@ def code_encoder(model):
 @torch.no_grad()
 def run_evaluate(args, config, run_dir, device):
     params = config["evaluation_params"]
-    model = build_model(config, args.checkpoint, device)
+    model = prepare_inference(build_model(config, args.checkpoint, device),
+                              SpeedSettings.for_inference(config, "evaluation_params"), device)
     videos = test_videos(config, params["num_videos"], getattr(args, "crop", "auto"))
     suite = MetricSuite.build(metrics=tuple(params["metrics"] or DEFAULT_METRICS),
                               options=backend_options(params), encoder=code_encoder(model),

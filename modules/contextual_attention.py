@@ -59,6 +59,7 @@ from torch import nn
 
 from modules.blocks import SameBlock2d, make_norm
 from modules.coords import resize_map
+from modules.precision import full_precision
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -225,19 +226,22 @@ class ContextualAttention(nn.Module):
         patches = normalized_patches(reduced, self.patch_size, self.eps)     # B x D x L
         return torch.bmm(patches.transpose(1, 2), patches)
 
+    # Float32 under autocast (modules/precision.py): the cosine scores of similar patches differ
+    # by less than bfloat16's step near 1 (1/256), and softmax_scale (10) then amplifies what is
+    # left; the L x L product is small next to the convolutions.
+    @full_precision
     def attention(self, features, visible):
         """Softmax over keys of the propagated scores: ``B x L_key x L_query``."""
         reduced = self.reduce(features)
         height, width = reduced.shape[-2:]
         scores = propagate_scores(self.scores(reduced), height, width, self.fuse_size,
                                   flattened=self.propagation == "flattened")
-        validity = self.key_validity(visible).float()[:, :, None]
+        validity = self.key_validity(visible)[:, :, None]
         if self.key_weighting == "mean_scale":
-            weights = F.softmax(self.softmax_scale * scores.float() * validity, dim=1) * validity
-            return weights.to(features.dtype)
-        # logits in float32: log(1e-8) must not underflow to -inf under half precision
-        logits = self.softmax_scale * scores.float() + torch.log(validity.clamp_min(1e-8))
-        return F.softmax(logits, dim=1).to(features.dtype)
+            return F.softmax(self.softmax_scale * scores * validity, dim=1) * validity
+        # log(1e-8) is finite in float32 (it would underflow to -inf in float16)
+        logits = self.softmax_scale * scores + torch.log(validity.clamp_min(1e-8))
+        return F.softmax(logits, dim=1)
 
     def paste_patches(self, features, attention):
         """Attention-weighted raw patches folded back to full resolution (transposed conv)."""

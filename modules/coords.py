@@ -25,6 +25,8 @@ keep their choice in an ``align_corners`` attribute and pass it on.
 import torch
 import torch.nn.functional as F
 
+from modules.precision import full_precision
+
 ALIGN_CORNERS = True              # default of the helpers below (pixel centres at -1 and +1)
 REFERENCE_ALIGN_CORNERS = False   # the FOMM / SAFA reference code's sampling convention
 
@@ -96,6 +98,9 @@ def resize_map(values, size, align_corners=None):
                          align_corners=resolve_align_corners(align_corners))
 
 
+# Sampling runs in float32 under autocast (modules/precision.py): a 16-bit coordinate in [-1, 1]
+# has steps of up to 1/128, a pixel or two at 256 px, and 16-bit bilinear weights blur the result.
+@full_precision
 def sample(image, points, mode="bilinear", padding_mode="zeros", align_corners=None):
     """``image`` (B x C x h x w) read at the normalized points ``points`` (B x H x W x 2):
     ``B x C x H x W``, any output size (crops, patches); no resizing of ``points``."""
@@ -103,6 +108,7 @@ def sample(image, points, mode="bilinear", padding_mode="zeros", align_corners=N
                          align_corners=resolve_align_corners(align_corners))
 
 
+@full_precision   # float32 coordinates and weights, as sample()
 def warp(image, flow, padding_mode="zeros", align_corners=None, mode="bilinear"):
     """Backward-warp ``image`` (B x C x h x w) with ``flow`` (B x H x W x 2, normalized coords).
 
@@ -141,6 +147,7 @@ def resize_volume_flow(flow, size, align_corners=None):
     return resized.permute(0, 2, 3, 4, 1)
 
 
+@full_precision   # float32 coordinates and weights, as sample()
 def warp_volume(volume, flow, padding_mode="zeros", align_corners=None):
     """Backward-warp a feature ``volume`` (B x C x d x h x w) with a 3D ``flow``
     (B x D x H x W x 3).

@@ -20,6 +20,7 @@ from torch import nn
 
 from modules.blocks import Hourglass
 from modules.coords import REFERENCE_ALIGN_CORNERS, make_coordinate_grid, resize_map, warp
+from modules.precision import full_precision
 from modules.util import (KP_VARIANCE, AntiAliasDownsample, identity_flows,
                           keypoint_heatmap_differences, sparse_affine_flows)
 
@@ -146,14 +147,21 @@ class DenseMotionNetwork(nn.Module):
         return flows, heatmaps, deformed
 
     # ------------------------------------------------------------------ prediction
+    # Float32 under autocast (modules/precision.py): the dense flow is a coordinate, the masks'
+    # weighted sum of the slots' flows, eq. 12; 16-bit masks would move it by up to a pixel.
+    @full_precision
+    def combine(self, features, flows):
+        """Softmax masks over the slots and the dense flow they weight, eq. 12."""
+        mask = F.softmax(self.mask_head(features), dim=1)                   # M_b, M_k, (M_3D)
+        return mask, (mask[..., None] * flows).sum(dim=1)                   # eq. 12
+
     def forward(self, source_image, kp_driving, kp_source, extra_motions=None):
         flows, heatmaps, deformed = self.gather_slots(source_image, kp_driving, kp_source,
                                                       extra_motions)
         batch, slots, _, height, width = deformed.shape
         features = self.hourglass(torch.cat([heatmaps, deformed], dim=2).view(batch, -1, height,
                                                                               width))
-        mask = F.softmax(self.mask_head(features), dim=1)                   # M_b, M_k, (M_3D)
-        deformation = (mask[..., None] * flows).sum(dim=1)                  # eq. 12
+        mask, deformation = self.combine(features, flows)
         result = {"deformation": deformation, "mask": mask, "sparse_flows": flows,
                   "sparse_deformed": deformed, "heatmaps": heatmaps}
         if len(self.occlusion_heads):

@@ -15,6 +15,7 @@ from torch import nn
 
 from flame.codes import FaceCodes
 from flame.flame import FLAME
+from modules.precision import full_precision
 from modules.renderer import weak_perspective
 from modules.tdmm_encoder import TDMMEncoder
 
@@ -87,11 +88,15 @@ def code_regularization(codes, shape_weight, exp_weight):
     return shape_weight * codes.shape.pow(2).mean() + exp_weight * codes.exp.pow(2).mean()
 
 
+@full_precision   # a loss's mean in float32 (modules/precision.py)
 def photometric_loss(rendered, image, face_mask):
     """Mean |R - I * M| over all pixels: a render against the image on its face region."""
     return (rendered - image * face_mask).abs().mean()
 
 
+# Float32 under autocast (modules/precision.py): FLAME's blend shapes and skinning are matrix
+# products that autocast would run in 16 bits, and a landmark 1/256 off is half a pixel at 128 px.
+@full_precision
 def tdmm_loss(face_model, codes, landmarks, weights, image_size):
     """Eq. 18 for one group of frames: ``{'landmark': ..., 'regularization': ...}``, each
     weighted by its own lambda (``weights``: a ``loss_weights`` section)."""

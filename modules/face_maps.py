@@ -26,7 +26,8 @@ from torch import nn
 
 from flame.codes import FaceCodes, relative_codes
 from modules.coords import ALIGN_CORNERS, make_coordinate_grid
-from modules.renderer import Renderer, screen_vertices, vertex_normals, weak_perspective
+from modules.precision import full_precision
+from modules.renderer import Fragments, Renderer, screen_vertices, vertex_normals, weak_perspective
 
 
 def sample_at_points(image, points):
@@ -46,14 +47,23 @@ def render_face_region(renderer, vertices, cam, attributes, face_uvs=None, uv_fa
     mask it is the whole visible mesh.
     """
     fragments = renderer.rasterize(screen_vertices(vertices, cam), image_size)
+    maps, mask = face_region_maps(renderer, fragments, attributes, face_uvs, uv_face_mask,
+                                  threshold)
+    return maps, mask, fragments
+
+
+def face_region_maps(renderer, fragments, attributes, face_uvs=None, uv_face_mask=None,
+                     threshold=0.5):
+    """The attribute maps and face-region mask of :func:`render_face_region` from fragments
+    rasterized already."""
     if face_uvs is None or uv_face_mask is None:
-        return renderer.interpolate(fragments, attributes), fragments.mask, fragments
+        return renderer.interpolate(fragments, attributes), fragments.mask
     maps = renderer.interpolate(fragments, attributes, face_uvs)
     uv = maps[:, -2:].permute(0, 2, 3, 1)
     mask = F.grid_sample(uv_face_mask.expand(uv.shape[0], -1, -1, -1).to(uv.dtype), uv,
                          mode="bilinear", padding_mode="zeros", align_corners=False)
     mask = (mask * fragments.mask > threshold).to(maps.dtype)
-    return maps[:, :-2], mask, fragments
+    return maps[:, :-2], mask
 
 
 class FaceMaps(nn.Module):
@@ -94,10 +104,25 @@ class FaceMaps(nn.Module):
 
     def render(self, vertices, cam, attributes):
         """Rasterize once; returns (attribute maps B x D x H x W, face mask B x 1 x H x W)."""
-        maps, mask, _ = render_face_region(self.renderer, vertices, cam, attributes, self.face_uvs,
-                                           self.uv_face_mask, self._size(), self.mask_threshold)
-        return maps, mask
+        return self.render_meshes([(vertices, cam, attributes)])[0]
 
+    def render_meshes(self, meshes):
+        """``[(vertices B x V x 3, cam B x 3, attributes B x V x D), ...]`` rasterized together in
+        one call (the meshes stacked along the batch), then each mesh's attributes interpolated:
+        ``[(maps B x D x H x W, face mask B x 1 x H x W), ...]``."""
+        screen = torch.cat([screen_vertices(vertices, cam) for vertices, cam, _ in meshes])
+        fragments = self.renderer.rasterize(screen, self._size())
+        batch, results = meshes[0][0].shape[0], []
+        for index, (_, _, attributes) in enumerate(meshes):
+            part = Fragments(*(field[index * batch:(index + 1) * batch] for field in fragments))
+            results.append(face_region_maps(self.renderer, part, attributes, self.face_uvs,
+                                            self.uv_face_mask, self.mask_threshold))
+        return results
+
+    # Float32 under autocast (modules/precision.py): FLAME (blend shapes, skinning: matrix
+    # products), the projection, rasterization and the barycentric interpolation of coordinates.
+    # A 16-bit vertex is off by ~1/256 of its size: a pixel at 256 px, and T_3D is a flow.
+    @full_precision
     def forward(self, source_image, source_codes: FaceCodes, driving_codes: FaceCodes,
                 driving_reference: FaceCodes = None):
         """With ``driving_reference`` the driving motion is applied relatively (appendix B:
@@ -116,16 +141,21 @@ class FaceMaps(nn.Module):
             verts_n = drv.vertices
         normals_d = vertex_normals(verts_n, self.flame.faces)               # A_{D,n}
 
-        same_mesh = self.driving_normal_shape == "driving"              # one rasterization less
+        same_mesh = self.driving_normal_shape == "driving"              # one mesh less
         driving_attributes = [tex_s, motion] + ([normals_d] if same_mesh else [])
-        maps_d, mask_d = self.render(drv.vertices, driving_codes.cam, torch.cat(driving_attributes, -1))
-        maps_s, mask_s = self.render(src.vertices, source_codes.cam,
-                                     torch.cat([normals_s, tex_s], -1))
+        # every mesh of the pair in one rasterization (PyTorch3D's set-up and, on the GPU, the
+        # host syncs of the renderer's face selection are paid once)
+        meshes = [(drv.vertices, driving_codes.cam, torch.cat(driving_attributes, -1)),
+                  (src.vertices, source_codes.cam, torch.cat([normals_s, tex_s], -1))]
+        if not same_mesh:
+            meshes.append((verts_n, driving_codes.cam, normals_d))
+        rendered = self.render_meshes(meshes)
+        (maps_d, mask_d), (maps_s, mask_s) = rendered[:2]
         normal_s, rendered_source = maps_s[:, :3], maps_s[:, 3:6]
         if same_mesh:
             normal_d, mask_nd = maps_d[:, 5:8], mask_d
         else:
-            normal_d, mask_nd = self.render(verts_n, driving_codes.cam, normals_d)
+            normal_d, mask_nd = rendered[2]
         rendered_tex, rendered_motion = maps_d[:, :3], maps_d[:, 3:5]
         height, width = self._size()
         grid = make_coordinate_grid(height, width, dtype=motion.dtype, device=motion.device)

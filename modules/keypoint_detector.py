@@ -4,6 +4,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from modules.blocks import Hourglass
+from modules.precision import full_precision
 from modules.util import AntiAliasDownsample, heatmap_means
 
 
@@ -72,7 +73,7 @@ class KPDetector(nn.Module):
     def average_jacobians(self, jacobian_map, heatmaps):
         """Heatmap-weighted average of the Jacobian head's maps: ``B x K x 2 x 2``."""
         batch, _, height, width = jacobian_map.shape
-        maps = jacobian_map.view(batch, self.num_jacobian_maps, 4, height, width)
+        maps = jacobian_map.reshape(batch, self.num_jacobian_maps, 4, height, width)
         if self.num_jacobian_maps == 1:
             maps = maps.expand(-1, self.num_kp, -1, -1, -1)
         jacobian = (heatmaps[:, :, None] * maps).flatten(3).sum(dim=-1)     # B x K x 4
@@ -82,11 +83,22 @@ class KPDetector(nn.Module):
         """Keypoints plus the intermediate maps: ``downsampled_input``, ``heatmap_logits``,
         ``heatmaps`` and (with Jacobians) ``jacobian_map``."""
         downsampled = self.downsample(image)
-        features = self.predictor(downsampled)
+        result = self.heads(self.predictor(downsampled))
+        result["downsampled_input"] = downsampled
+        return result
+
+    # The heads run in float32 under autocast (modules/precision.py): the softmax divides the
+    # logits by the temperature (0.1), which turns the 16-bit rounding of a logit (up to 1/64 at
+    # 4) into a few percent of a heatmap weight, and the keypoints are coordinates. Cheap: K and
+    # 4K output channels.
+    @full_precision
+    def heads(self, features):
+        """Keypoints and maps from the predictor's features: ``value``, ``heatmap_logits``,
+        ``heatmaps`` and (with Jacobians) ``jacobian_map``, ``jacobian``."""
         logits = self.heatmap_head(features)
         heatmaps = self.softmax_heatmaps(logits)
-        result = {"value": self.heatmap_means(heatmaps), "downsampled_input": downsampled,
-                  "heatmap_logits": logits, "heatmaps": heatmaps}
+        result = {"value": self.heatmap_means(heatmaps), "heatmap_logits": logits,
+                  "heatmaps": heatmaps}
         if self.jacobian_head is not None:
             result["jacobian_map"] = self.jacobian_head(features)
             result["jacobian"] = self.average_jacobians(result["jacobian_map"], heatmaps)

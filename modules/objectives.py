@@ -24,7 +24,8 @@ import torch
 import torchvision
 from torch import nn
 
-from modules.util import ImagePyramid, RandomTransform
+from modules.precision import full_precision
+from modules.util import ImagePyramid, RandomTransform, inverse
 
 GAN_LOSSES = ("lsgan", "hinge")
 # train_params shared by every model that uses these objectives (each model may override)
@@ -148,6 +149,15 @@ def shared_vgg19(weights_path, imagenet, device, dtype):
     return _SHARED_VGG[key]
 
 
+# Losses reduce in float32 under autocast (modules/precision.py): a 16-bit mean over a million
+# feature differences keeps only about three significant digits of it, and the discriminator's
+# squared outputs lose more.
+@full_precision
+def mean_absolute_difference(a, b):
+    """``mean |a - b|`` in float32 (or float64 for float64 inputs)."""
+    return (a - b).abs().mean()
+
+
 class PerceptualPyramid:
     """Eq. 15: sum over pyramid scales and VGG layers of ``layer_weight * mean |f(D) - f(D_rec)|``.
 
@@ -187,7 +197,7 @@ class PerceptualPyramid:
                 real_features = vgg(real[scale])
             for weight, fake, true in zip(self.layer_weights, predicted_features, real_features):
                 if weight:
-                    total = total + weight * (fake - true).abs().mean()
+                    total = total + weight * mean_absolute_difference(fake, true)
         return total
 
     @staticmethod
@@ -202,6 +212,7 @@ class PerceptualPyramid:
 
 
 # ----------------------------------------------------------------------------- GAN
+@full_precision   # a loss's reduction in float32, as mean_absolute_difference
 def gan_generator_loss(discriminator_fake, kind="lsgan"):
     """Eq. 16 (LSGAN): sum over scales of mean (1 - D(D_rec))^2; hinge: - mean D(D_rec)."""
     if kind == "hinge":
@@ -209,6 +220,7 @@ def gan_generator_loss(discriminator_fake, kind="lsgan"):
     return sum(((1 - out["prediction"]) ** 2).mean() for out in discriminator_fake.values())
 
 
+@full_precision   # a loss's reduction in float32, as mean_absolute_difference
 def gan_discriminator_loss(discriminator_real, discriminator_fake, kind="lsgan"):
     """Eq. 17 (LSGAN): sum over scales of mean (1 - D(D))^2 + mean D(D_rec)^2;
     hinge: mean relu(1 - D(D)) + mean relu(1 + D(D_rec))."""
@@ -222,6 +234,7 @@ def gan_discriminator_loss(discriminator_real, discriminator_fake, kind="lsgan")
     return total
 
 
+@full_precision   # a loss's reduction in float32, as mean_absolute_difference
 def feature_matching_loss(discriminator_real, discriminator_fake, layer_weights):
     """Sum over scales and discriminator blocks of ``weight * mean |F_real - F_fake|``.
 
@@ -328,6 +341,13 @@ class EquivarianceObjective:
         kp_transformed = detector(transformed_frame)
         if generated is not None:
             generated.update(transformed_frame=transformed_frame, transformed_kp=kp_transformed)
+        return self.terms(transform, kp_driving, kp_transformed)
+
+    # Float32 under autocast (modules/precision.py): coordinates through T, and products and
+    # inverses of 2x2 Jacobians, which 16 bits would make the loss's own noise floor.
+    @full_precision
+    def terms(self, transform, kp_driving, kp_transformed):
+        """The value and Jacobian terms from the keypoints of D and of D_T = D o T."""
         losses = {}
         if self.value_weight:
             back = transform.transform_coordinates(kp_transformed["value"])     # T(p_{D_T})
@@ -335,7 +355,7 @@ class EquivarianceObjective:
                 kp_driving["value"] - back).abs().mean()
         if self.jacobian_weight and "jacobian" in kp_driving:
             carried = transform.jacobian(kp_transformed["value"]) @ kp_transformed["jacobian"]
-            normalized = torch.linalg.inv(kp_driving["jacobian"]) @ carried
+            normalized = inverse(kp_driving["jacobian"]) @ carried
             eye = torch.eye(normalized.shape[-1], dtype=normalized.dtype,
                             device=normalized.device)
             losses["equivariance_jacobian"] = self.jacobian_weight * (

@@ -16,10 +16,11 @@ pixels, and each tile is rasterized as its own small PyTorch3D image holding onl
 bounding box meets it; a point at our pixel position p (p = (x + 1) (S - 1) / 2) in a tile
 starting at pixel t0 gets the tile NDC ``1 - (2 (p - t0) + 1) / tile``, so pixel centres coincide
 exactly, for x and for y; depth goes to ``z_ndc = max(s Z) - s Z + 1`` (nearer = smaller, > 0).
-Why tiles: PyTorch3D's CPU rasterizer tests every face of a mesh at every pixel and pays a few
-microseconds of set-up per face, so each image is one call whose tiles hold few faces, and faces
-that cover no pixel centre at all (most faces at 64 x 64) are dropped beforehand. The result is
-the same as one full-image call; on the GPU the same path runs unchanged.
+Why tiles: PyTorch3D's naive rasterizer tests every face of a mesh at every pixel of it, so small
+meshes (tiles) holding few faces each are cheap, and faces that cover no pixel centre at all (most
+faces at 64 x 64) are dropped beforehand. All tiles of all images of a call go to PyTorch3D at
+once (one call, no per-image loop that would read counts back from the GPU). The result is the
+same as one full-image call per image; on the GPU the same path runs unchanged.
 
 Back faces (facing away from the camera, i.e. clockwise on screen seen with y up) are dropped
 before rasterization when ``cull_backfaces`` is on.
@@ -156,6 +157,9 @@ class Renderer(nn.Module):
             keep &= area > 0
         return keep
 
+    # Not compiled (torch.compile runs it eagerly): the face per pixel comes from PyTorch3D's C++
+    # rasterizer, and the covered pixels' count, which sets the shapes below, from the data.
+    @torch.compiler.disable
     def rasterize(self, screen, image_size=None):
         """screen: B x V x 3 (x, y normalized, depth larger = closer) -> :class:`Fragments`.
 
@@ -257,25 +261,15 @@ class Renderer(nn.Module):
 
     @staticmethod
     def _rasterize_tiles(corners, counts, tile):
-        """One PyTorch3D call per image: its cost grows with (tiles in the call) x (faces in the
-        call), so a call per image keeps both small. Returns (B ny nx) x t x t pix_to_face, indexing
+        """Every tile of every image in one PyTorch3D call (each tile a mesh of its faces; the
+        cost is the sum over tiles of pixels x faces, the same as one call per image, without a
+        host sync per image on the GPU). Returns (B ny nx) x t x t pix_to_face, indexing
         ``corners``, and barycentrics."""
-        p2f_all, bary_all, start = [], [], 0
-        for frame_counts in counts:
-            total = int(frame_counts.sum())
-            if total == 0:
-                n = frame_counts.shape[0]
-                p2f_all.append(torch.full((n, tile, tile), -1, dtype=torch.long, device=corners.device))
-                bary_all.append(corners.new_zeros(n, tile, tile, 3))
-                continue
-            p2f, _, bary, _ = rasterize_meshes(
-                _PackedFaces(corners[start:start + total], frame_counts), image_size=tile,
-                blur_radius=EDGE_EPSILON, faces_per_pixel=1, bin_size=0, max_faces_per_bin=1,
-                perspective_correct=False, cull_backfaces=False)
-            p2f_all.append(torch.where(p2f[..., 0] >= 0, p2f[..., 0] + start, p2f[..., 0]))
-            bary_all.append(bary[..., 0, :])
-            start += total
-        return torch.cat(p2f_all), torch.cat(bary_all)
+        p2f, _, bary, _ = rasterize_meshes(
+            _PackedFaces(corners, counts.reshape(-1)), image_size=tile, blur_radius=EDGE_EPSILON,
+            faces_per_pixel=1, bin_size=0, max_faces_per_bin=1, perspective_correct=False,
+            cull_backfaces=False)
+        return p2f[..., 0], bary[..., 0, :]
 
     @staticmethod
     def _empty(screen, height, width):

@@ -14,6 +14,7 @@ from torch import nn
 
 from modules.coords import (ALIGN_CORNERS, REFERENCE_ALIGN_CORNERS, coordinate_grid,
                             make_coordinate_grid, resolve_align_corners, warp)
+from modules.precision import full_precision
 
 KP_VARIANCE = 0.01  # sigma of the keypoint gaussians, eq. 10 of SAFA (FOMM's kp_variance)
 
@@ -48,6 +49,13 @@ def keypoint_heatmap_differences(kp_driving, kp_source, spatial_size, variance=K
 
 
 # ----------------------------------------------------------------------- sparse motions
+def inverse(matrices):
+    """Batched matrix inverse without ``torch.linalg.inv``'s singularity check, which reads a flag
+    back from the GPU (a host sync) at every call; a singular matrix gives inf/NaN instead, which
+    the training loop's non-finite loss check reports."""
+    return torch.linalg.inv_ex(matrices).inverse
+
+
 def identity_flows(batch_size, spatial_size, dtype=torch.float32, device=None):
     """The background motion ``T(z) = z`` as ``B x 1 x H x W x 2`` (``B x 1 x D x H x W x 3`` for a
     3D ``spatial_size``)."""
@@ -65,9 +73,10 @@ def affine_source_from_driving(kp_driving, kp_source):
         dims = value.shape[-1]
         eye = torch.eye(dims, dtype=value.dtype, device=value.device)
         return eye.expand(*value.shape[:2], dims, dims)
-    return kp_source["jacobian"] @ torch.linalg.inv(kp_driving["jacobian"])
+    return kp_source["jacobian"] @ inverse(kp_driving["jacobian"])
 
 
+@full_precision   # coordinates: a 16-bit product J (z - p_D) would be off by up to a pixel
 def sparse_affine_flows(kp_driving, kp_source, spatial_size):
     """T_{S<-D,k}(z) = p_S + J_S J_D^-1 (z - p_D), eq. 9, for every pixel z: ``B x K x H x W x 2``.
 
@@ -115,6 +124,7 @@ def movement_scale(kp_source, kp_reference, per_sample=True):
     return torch.as_tensor(scale, dtype=value.dtype, device=value.device).view(-1, 1, 1)
 
 
+@full_precision   # Jacobian products and inverses of 2x2 / 3x3 matrices in float32
 def relative_keypoints(kp_source, kp_driving, kp_reference, adapt_movement_scale=False,
                        use_relative_movement=True, use_relative_jacobian=True,
                        scale_from_first_sample=False):
@@ -144,7 +154,7 @@ def relative_keypoints(kp_source, kp_driving, kp_reference, adapt_movement_scale
     has_jacobians = all(kp.get("jacobian") is not None
                         for kp in (kp_source, kp_driving, kp_reference))
     if use_relative_movement and use_relative_jacobian and has_jacobians:
-        jacobian_change = kp_driving["jacobian"] @ torch.linalg.inv(kp_reference["jacobian"])
+        jacobian_change = kp_driving["jacobian"] @ inverse(kp_reference["jacobian"])
         result["jacobian"] = jacobian_change @ kp_source["jacobian"]
     return result
 
@@ -225,6 +235,7 @@ class RandomTransform:
             transform.control_weights = control_weights.transpose(1, 2)      # -> B x P x 1
         return transform
 
+    @full_precision   # coordinates (affine product, spline kernel r^2 log r) in float32
     def transform_coordinates(self, coordinates):
         """T(z) for ``coordinates`` ``B x N x 2`` (or ``B x ... x 2``)."""
         shape = coordinates.shape
@@ -248,6 +259,7 @@ class RandomTransform:
         weights = self.control_weights.to(points.dtype)                          # B x P x (1|2)
         return (kernel[..., None] * weights[:, None]).sum(dim=2)                 # B x N x (1|2)
 
+    @full_precision   # the sampling grid is built in the frame's dtype: keep it float32
     def transform_image(self, frame):
         """The transformed frame: ``frame`` sampled at T(z), reflection-padded at the borders."""
         batch, _, height, width = frame.shape
@@ -255,6 +267,7 @@ class RandomTransform:
         sample_at = self.transform_coordinates(grid[None].expand(batch, -1, -1, -1))
         return warp(frame, sample_at, padding_mode="reflection", align_corners=self.align_corners)
 
+    @full_precision   # dT/dz by autograd through float32 coordinates
     def jacobian(self, coordinates):
         """dT/dz at ``coordinates`` ``B x N x 2`` as ``B x N x 2 x 2`` (rows: output x, y).
 
@@ -419,7 +432,8 @@ def gray_to_rgb(maps, size=None):
 
 __all__ = [
     "KP_VARIANCE", "kp2gaussian", "heatmap_means", "keypoint_heatmap_differences", "identity_flows",
-    "affine_source_from_driving", "sparse_affine_flows", "keypoint_hull_area", "movement_scale",
+    "inverse", "affine_source_from_driving", "sparse_affine_flows", "keypoint_hull_area",
+    "movement_scale",
     "relative_keypoints", "RandomTransform", "TPS_KERNELS", "DOWNSAMPLE_METHODS",
     "antialias_sigma", "gaussian_kernel_1d", "gaussian_kernel_2d", "AntiAliasDownsample",
     "ImagePyramid", "distinct_colors", "draw_keypoints", "colorize_masks", "gray_to_rgb",
