@@ -239,7 +239,8 @@ class PWM(AnimationModel):
             if key not in batch:
                 raise ValueError(f"the pwm model trains on 3DMM codes but the batch has no "
                                  f"{key!r}: set dataset_params.load_flame: true and make the "
-                                 "sidecars with `python -m tools.fit_3dmm`")
+                                 "sidecars with `python -m tools.fit_3dmm --checkpoint "
+                                 "TDMM_CHECKPOINT --input DATASET_ROOT`")
             check_codes(batch[key], self.face_model, f"the batch's {key}")
         return batch["source_codes"], batch["driving_codes"]
 
