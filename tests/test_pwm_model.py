@@ -138,28 +138,28 @@ def test_without_an_encoder_checkpoint_every_image_gets_the_neutral_face(config,
 
 
 def test_the_encoder_checkpoint_fits_codes_and_wins_over_the_stored_encoder(
-        config, synthetic_root, tmp_path):
+        config, model, synthetic_root, tmp_path):
     tdmm = tdmm_checkpoint(tmp_path / "tdmm.pth", synthetic_root)
-    untrained = build_model(config)
+    assert not bool(model.tdmm_fitted)
     model_path = str(tmp_path / "pwm.pth")
-    save_checkpoint_atomic(make_checkpoint(untrained, {}, {}, 0, 0, 0, config), model_path)
+    save_checkpoint_atomic(make_checkpoint(model, {}, {}, 0, 0, 0, config), model_path)
     named = load_config("tiny-pwm.yaml", tiny_overrides(synthetic_root) + [
         f"model_params.tdmm_params.checkpoint={tmp_path / 'tdmm.pth'}"])
-    model = build_model(named, model_path)      # trained without an encoder, given one now
-    assert bool(model.tdmm_fitted)
-    torch.testing.assert_close(model.tdmm.head.weight, tdmm.encoder.head.weight)
+    fitted = build_model(named, model_path)     # trained without an encoder, given one now
+    assert bool(fitted.tdmm_fitted)
+    torch.testing.assert_close(fitted.tdmm.head.weight, tdmm.encoder.head.weight)
     images = torch.rand(2, 3, SIZE, SIZE)
-    torch.testing.assert_close(model.encode_driving(images)["codes"].exp,
+    torch.testing.assert_close(fitted.encode_driving(images)["codes"].exp,
                                tdmm.eval().encode_codes(images).exp)
     # a model checkpoint made with the encoder carries it: no tdmm file needed afterwards
     with_encoder = str(tmp_path / "pwm-with-encoder.pth")
-    save_checkpoint_atomic(make_checkpoint(model, {}, {}, 0, 0, 0, named), with_encoder)
+    save_checkpoint_atomic(make_checkpoint(fitted, {}, {}, 0, 0, 0, named), with_encoder)
     os.remove(tmp_path / "tdmm.pth")
     restored = build_model(config, with_encoder)
     assert bool(restored.tdmm_fitted)
     torch.testing.assert_close(restored.tdmm.head.weight, tdmm.encoder.head.weight)
     with pytest.raises(FileNotFoundError, match="set it to null"):
-        build_model(named)
+        fitted.load_tdmm()                      # the named file is gone
 
 
 def other_identity(codes, seed):
