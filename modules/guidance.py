@@ -164,7 +164,16 @@ class GuidanceRenderer(nn.Module):
         vertices, _ = self.posed(codes)
         return self.render(vertices, codes.cam, self.surface_attributes(vertices.shape[0]))
 
-    def forward(self, source_codes: FaceCodes, driving_codes: FaceCodes):
+    def encoder_input(self, source_codes):
+        """The source-rendered codes (or NMFC) the generator's encoder takes with the source image,
+        or None for ``geom_disp``; it depends on the source alone (cached at inference)."""
+        if self.encoder_channels == 0:
+            return None
+        return self.surface_maps(source_codes)[0]
+
+    def forward(self, source_codes: FaceCodes, driving_codes: FaceCodes, render_source=True):
+        """The maps of a source/driving pair; ``render_source=False`` skips the encoder input
+        (``encoder_input`` is then None: the caller has it from :meth:`encoder_input`)."""
         source_vertices, projected_source = self.posed(source_codes)
         driving_vertices, projected_driving = self.posed(driving_codes)
         surface = self.surface_attributes(driving_vertices.shape[0])
@@ -177,7 +186,7 @@ class GuidanceRenderer(nn.Module):
         guidance, mask = self.render(driving_vertices, driving_codes.cam,
                                      torch.cat(driving_attributes, dim=-1))    # one rasterization
         encoder_input = None
-        if surface is not None:
+        if surface is not None and render_source:
             encoder_input = self.render(source_vertices, source_codes.cam, surface)[0]
         return GuidanceMaps(encoder_input, guidance, mask)
 

@@ -17,6 +17,7 @@ The first sample passes unchanged. Parameters follow the paper's tuning advice: 
 import math
 
 import numpy as np
+import torch
 
 
 def smoothing_factor(period, cutoff):
@@ -97,4 +98,36 @@ def smooth_sequence(values, frequency, min_cutoff=1.0, beta=0.0, d_cutoff=1.0, v
     return hold_last_valid(out, valid)
 
 
-__all__ = ["OneEuroFilter", "smooth_sequence", "hold_last_valid", "smoothing_factor"]
+class CodeSmoother:
+    """One-Euro filtering of a stream of 3DMM codes, batch after batch in frame order.
+
+    ``CodeSmoother(fps, ...)(codes)``: ``codes`` (``flame.codes.FaceCodes``) holds consecutive
+    frames along the batch; returns the codes with the ``fields`` smoothed (each element on its
+    own, sample t at time t / fps) and the others unchanged. The filter keeps its state between
+    calls, so one smoother serves one video. Default fields: the motion (expression, pose,
+    camera); the shape is one identity's and the source's replaces it anyway.
+    """
+
+    def __init__(self, frequency, min_cutoff=1.0, beta=0.0, d_cutoff=1.0,
+                 fields=("exp", "pose", "cam")):
+        self.filters = {name: OneEuroFilter(frequency, min_cutoff, beta, d_cutoff)
+                        for name in fields}
+
+    def reset(self):
+        for one_euro in self.filters.values():
+            one_euro.reset()
+
+    def __call__(self, codes):
+        changes = {}
+        for name, one_euro in self.filters.items():
+            value = getattr(codes, name)
+            if value is None:
+                continue
+            rows = value.detach().cpu().double().numpy()
+            smoothed = np.stack([one_euro.filter(row) for row in rows])
+            changes[name] = torch.as_tensor(smoothed, dtype=value.dtype, device=value.device)
+        return codes.replace(**changes)
+
+
+__all__ = ["OneEuroFilter", "CodeSmoother", "smooth_sequence", "hold_last_valid",
+           "smoothing_factor"]

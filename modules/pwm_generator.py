@@ -173,10 +173,10 @@ class ProgressiveWarpingGenerator(nn.Module):
         parts = [warp(coarsest, flow), coarsest, guidance[:, DISPLACEMENT_CHANNELS:]]
         return torch.cat(parts, dim=1), flow
 
-    def _check_inputs(self, source, guidance, encoder_input):
+    def _check_inputs(self, source, guidance, encoder_input, encoded=False):
         expected = {"source": (source, self.num_channels),
                     "guidance": (guidance, self.guidance_channels)}
-        if self.encoder_input_channels or encoder_input is not None:
+        if not encoded and (self.encoder_input_channels or encoder_input is not None):
             if encoder_input is None:
                 raise ValueError(f"this generator takes {self.encoder_input_channels} encoder-input "
                                  "channels (the source-rendered guidance); pass encoder_input")
@@ -190,9 +190,17 @@ class ProgressiveWarpingGenerator(nn.Module):
                              f"2^(num_levels - 1) = {factor}")
 
     # ------------------------------------------------------------------ forward
-    def forward(self, source, guidance, encoder_input=None):
-        self._check_inputs(source, guidance, encoder_input)
-        features = self.encode(source, encoder_input)
+    def forward(self, source, guidance, encoder_input=None, source_features=None):
+        """``source_features``: the pyramid :meth:`encode` gave for this source (and encoder
+        input), computed once per source at inference; without it the encoder runs here."""
+        self._check_inputs(source, guidance, encoder_input, encoded=source_features is not None)
+        if source_features is None:
+            features = self.encode(source, encoder_input)
+        else:
+            features = list(source_features)
+            if len(features) != self.num_levels:
+                raise ValueError(f"source_features must hold the {self.num_levels} levels of "
+                                 f"encode(), got {len(features)}")
         realigned, initial_flow = self.initial_features(features[-1], guidance)
         flows = []
         for level, shortcut in zip(self.levels, reversed(features[:-1])):

@@ -129,3 +129,29 @@ def test_bad_inputs_are_named():
         generator(torch.rand(1, 3, 30, 30), guidance, extra)
     with pytest.raises(ValueError, match="2 displacement channels"):
         ProgressiveWarpingGenerator(guidance_channels=1, displacement_guidance=True)
+
+
+@torch.no_grad()
+def test_cached_source_features_give_the_same_frames(flame):
+    """The encoder pyramid and the source render computed once per source (inference) give the
+    frames that recomputing them gives."""
+    torch.manual_seed(0)
+    guidance = GuidanceRenderer(flame, 32, "both", code_dim=4)
+    generator = ProgressiveWarpingGenerator(
+        encoder_input_channels=guidance.encoder_channels,
+        guidance_channels=guidance.decoder_channels, **TINY).eval()
+    source_codes = FaceCodes.zeros(2, n_shape=10, n_exp=10, scale=8.0)
+    driving_codes = edit_codes(source_codes, FaceEdit(yaw=15.0))
+    source = torch.rand(2, 3, 32, 32)
+    maps = guidance(source_codes, driving_codes)
+    cached_input = guidance.encoder_input(source_codes)
+    torch.testing.assert_close(cached_input, maps.encoder_input)
+    skipped = guidance(source_codes, driving_codes, render_source=False)
+    assert skipped.encoder_input is None
+    torch.testing.assert_close(skipped.decoder_guidance, maps.decoder_guidance)
+    features = generator.encode(source, cached_input)
+    torch.testing.assert_close(
+        generator(source, skipped.decoder_guidance, source_features=features)["prediction"],
+        generator(source, maps.decoder_guidance, maps.encoder_input)["prediction"])
+    with pytest.raises(ValueError, match="source_features must hold the 3 levels"):
+        generator(source, maps.decoder_guidance, source_features=features[:2])
