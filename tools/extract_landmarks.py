@@ -82,11 +82,10 @@ def smooth_track(points, video_fps=None, fps=None, **one_euro):
     return smoothed.astype(np.float32)
 
 
-def checkpoint_pixel_landmarker(path, device="cpu"):
-    """A trained ``landmarks`` model as a landmarker of uint8 frames (pixels out)."""
+def pixel_landmarker(landmarker, device="cpu"):
+    """A :class:`modules.landmark_sources.Landmarker` (tensor images in, normalized landmarks
+    out) as a landmarker of uint8 frames ``B x H x W x 3`` giving pixels, what this tool takes."""
     from datasets.frames_dataset import image_to_tensor
-    from modules.landmark_sources import checkpoint_landmarker
-    landmarker = checkpoint_landmarker(path, device)
 
     def detect(frames):
         images = torch.stack([image_to_tensor(f) for f in frames]).to(device)
@@ -95,6 +94,12 @@ def checkpoint_pixel_landmarker(path, device="cpu"):
         return normalized_to_pixels(points, *frames.shape[1:3])
     detect.name = landmarker.name
     return detect
+
+
+def checkpoint_pixel_landmarker(path, device="cpu"):
+    """A trained ``landmarks`` model as a landmarker of uint8 frames (pixels out)."""
+    from modules.landmark_sources import checkpoint_landmarker
+    return pixel_landmarker(checkpoint_landmarker(path, device), device)
 
 
 def save_atomically(path, array):
