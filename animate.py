@@ -175,12 +175,12 @@ class DrivingLandmarks:
     """Driving by a landmark file, no driving frames at all (models whose ``driving_signal`` is
     'landmarks', e.g. ``s2d``).
 
-    The file holds ``T x N x 2`` pixel coordinates (x, y; N = 74 or 68, ``modules/landmark_layout.py``)
-    of frames ``frame_size = (H, W)`` pixels large: a ``.npy`` array (then ``frame_size`` must be
-    given) or an ``.npz`` with the array under ``landmarks`` and optionally ``frame_size`` (H, W)
-    and ``fps``. Arguments given here win over the file's. Rows with NaN (no face) repeat the last
-    valid row before them. The output video has one frame per row, at ``fps`` (else the file's,
-    else ``default_fps``).
+    The file holds ``T x N x 2`` pixel coordinates (x, y; N = 74 or 68,
+    ``modules/landmark_layout.py``) of frames ``frame_size = (H, W)`` pixels large: a ``.npy``
+    array (then ``frame_size`` must be given) or an ``.npz`` with the array under ``landmarks``
+    and optionally ``frame_size`` (H, W) and ``fps``. Arguments given here win over the file's.
+    Rows with NaN (no face) repeat the last valid row before them. The output video has one
+    frame per row, at ``fps`` (else the file's, else ``default_fps``).
     """
 
     audio_source = None

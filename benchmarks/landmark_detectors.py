@@ -17,8 +17,8 @@ Detectors (rows):
 * FAN+DSNT+SBR: the same first stage, then ``--finetune_steps`` on the same pairs with the
   regression AND the registration loss (the paper's fine-tuning on videos). Equal budgets: the
   two rows differ only by the registration loss;
-* FAN+DSNT+SBR + One-Euro (extra row): its tracks smoothed over time (what
-  ``tools/extract_landmarks.py --detector`` writes by default);
+* FAN+DSNT+SBR + One-Euro (extra row, detection scores only): its tracks smoothed over time
+  (what ``tools/extract_landmarks.py --detector`` writes by default);
 * ground truth: the renderer's landmarks, the ceiling.
 
 For each: NME (% of the outer-eye-corner distance) and SMS (eq. 9, pixels of the 64 px frame,
@@ -88,16 +88,18 @@ def train_detectors(args, root):
 
 
 def detectors(args, root):
-    """``{row: (pixel landmarker or None, smoothing or None, note)}``."""
+    """``{row: (pixel landmarker or None, smoothing or None, note, train an s2d model)}``; the
+    ground-truth row has no landmarker."""
     rows = {}
     for name in ("dlib", "fan"):
         backend = load_backend("landmarks", name)
         label = {"dlib": "dlib", "fan": "FAN"}[name]
-        rows[label] = (pixel_landmarker(backend_landmarker(backend)), None, "") \
-            if not isinstance(backend, Skipped) else (None, None, backend.reason)
+        rows[label] = (pixel_landmarker(backend_landmarker(backend)), None, "", True) \
+            if not isinstance(backend, Skipped) else (None, None, backend.reason, False)
     for name, checkpoint in train_detectors(args, root).items():
-        rows[name] = (pixel_landmarker(checkpoint_landmarker(checkpoint)), None, "")
-    rows["FAN+DSNT+SBR + One-Euro"] = (rows["FAN+DSNT+SBR"][0], SMOOTHING, "")
+        rows[name] = (pixel_landmarker(checkpoint_landmarker(checkpoint)), None, "", True)
+    rows["FAN+DSNT+SBR + One-Euro"] = (rows["FAN+DSNT+SBR"][0], SMOOTHING, "", False)
+    rows["ground truth"] = (None, None, "", True)
     return rows
 
 
@@ -120,10 +122,8 @@ def main(argv=None):
     test_videos = split_videos(root, is_train=False)
     akd_detector = landmark_detector()
     results, copy = {}, None
-    rows = detectors(args, root)
-    rows["ground truth"] = (None, None, "")
-    for name, (landmarker, smoothing, note) in rows.items():
-        if name != "ground truth" and landmarker is None:
+    for name, (landmarker, smoothing, note, animation) in detectors(args, root).items():
+        if note:
             results[name] = {"note": note}
             print(f"{name}: skipped ({note})", flush=True)
             continue
@@ -133,7 +133,7 @@ def main(argv=None):
             extract_folder(root, landmarker, folder, progress=False, smoothing=smoothing)
         in_folder = lambda path: os.path.join(folder, "test", os.path.basename(path))  # noqa
         row = detection_scores(test_videos, lambda path: sidecar_landmarks(in_folder(path)))
-        if not args.no_animation:
+        if animation and not args.no_animation:
             overrides = budget_overrides(args.steps, args.batch_size) + S2D_TABLE_5 + [
                 f"dataset_params.root_dir={folder}", "dataset_params.synthetic=null"]
             out = os.path.join(args.out, "s2d_" + name.replace(" ", "_").replace("+", "_"))

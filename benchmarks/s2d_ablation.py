@@ -1,4 +1,4 @@
-"""Seed 002 Table 4 (motion-transfer ablation of the sparse-to-dense model) on the synthetic dataset.
+"""Seed 002 Table 4 (the sparse-to-dense model's motion-transfer ablation) on the synthetic data.
 
     python benchmarks/s2d_ablation.py --steps 150 --out log/s2d_ablation
 

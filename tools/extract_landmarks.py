@@ -17,7 +17,7 @@ sidecar is a finished one and is skipped (``--overwrite`` redoes it). A corrupt 
 is logged and skipped.
 
     python tools/extract_landmarks.py --input vox/test --backend auto   # FAN, else dlib
-    python tools/extract_landmarks.py --input vox/test --detector log/landmarks/checkpoint_latest.pth
+    python tools/extract_landmarks.py --input vox/test --detector log/landmarks/checkpoint.pth
 """
 import argparse
 import logging

@@ -65,7 +65,8 @@ class LandmarksModel(AnimationModel):
         self.fb_threshold = params["fb_threshold"]
         self.loss_weights = config["train_params"]["loss_weights"]
         # the frame size it trains at: detect() resizes any image to it (kept in checkpoints)
-        self.register_buffer("frame_size", torch.tensor(config["dataset_params"]["frame_shape"][:2]))
+        frame_shape = config["dataset_params"]["frame_shape"]
+        self.register_buffer("frame_size", torch.tensor(frame_shape[:2]))
 
     @classmethod
     def sidecars(cls, config):
@@ -117,7 +118,7 @@ class LandmarksModel(AnimationModel):
                 self.dsnt["regularization_weight"])
         detections = torch.stack(prediction["value"].chunk(2), dim=1)           # B x 2 x K x 2
         if weights["registration"]:
-            frames = torch.stack([source, driving], dim=1)                        # B x 2 x C x H x W
+            frames = torch.stack([source, driving], dim=1)                     # B x 2 x C x H x W
             losses["registration"] = weights["registration"] * registration_loss(
                 detections, frames, self.tracker, self.fb_threshold)
         return losses, {"source_detected": detections[:, 0], "driving_detected": detections[:, 1]}
