@@ -156,8 +156,13 @@ class SparseToDense(AnimationModel):
 
     def landmarker(self):
         if self._landmarker is None:
-            self._landmarker = load_landmarker(self.source_landmarks["detector"],
-                                               self.source_landmarks["checkpoint"])
+            try:
+                self._landmarker = load_landmarker(self.source_landmarks["detector"],
+                                                   self.source_landmarks["checkpoint"])
+            except FileNotFoundError as error:
+                raise FileNotFoundError(f"the source's landmark detector "
+                                        f"(model_params.source_landmarks) does not load: "
+                                        f"{error}") from None
         return self._landmarker
 
     def detect(self, images, what):
