@@ -50,7 +50,7 @@ from modules.registry import build_model, load_config  # noqa: E402
 from tools.extract_landmarks import extract_folder, pixel_landmarker  # noqa: E402
 from train import train  # noqa: E402
 
-SMOOTHING = {"min_cutoff": 1.0, "beta": 0.05, "d_cutoff": 1.0, "fps": None}
+SMOOTHING = {"min_cutoff": 4.0, "beta": 40.0, "d_cutoff": 1.0, "fps": None}  # the tool's defaults
 # the animation rows: 68 points, perceptual loss only (seed 002 section 4.3.2)
 S2D_TABLE_5 = ["model_params.num_landmarks=68", "train_params.loss_weights.l1=0",
                "train_params.loss_weights.generator_gan=0", "train_params.loss_weights.parsing=0",

@@ -275,7 +275,8 @@ def test_extract_landmarks_with_a_trained_detector(detector_checkpoint, syntheti
     assert jitter(smoothed) < jitter(raw)
     gappy = raw.copy()
     gappy[1] = np.nan
-    track = extract_landmarks.smooth_track(gappy, 25.0, min_cutoff=1.0, beta=0.05, d_cutoff=1.0)
+    track = extract_landmarks.smooth_track(gappy, (32, 32), 25.0, min_cutoff=4.0, beta=40.0,
+                                           d_cutoff=1.0)
     assert np.isnan(track[1]).all() and np.isfinite(np.delete(track, 1, 0)).all()
     assert extract_landmarks.main(["--input", str(tmp_path), "--detector",
                                    str(tmp_path / "missing.pth")]) == 2

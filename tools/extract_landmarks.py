@@ -8,9 +8,12 @@ streamed; only the small landmark array is kept in memory.
 
 Detectors: a backend (``--backend``: FAN, dlib; 68 points), or ``--detector CHECKPOINT``, a
 trained ``landmarks`` model (FAN + DSNT + SBR, ``modules/models/landmarks.py``; 74 or 68 points as
-trained). Tracks can be smoothed over time with a One-Euro filter (``modules/one_euro.py``, in
-pixels; on by default with ``--detector``, ``--smooth`` / ``--no-smooth`` choose); frames without
-a face stay NaN.
+trained). Tracks can be smoothed over time with a One-Euro filter (``modules/one_euro.py``, on
+normalized coordinates, so its settings do not depend on the frame size; on by default with
+``--detector``, ``--smooth`` / ``--no-smooth`` choose); frames without a face stay NaN. The
+default settings (cut-off 4 Hz at rest, speed coefficient 40 per normalized unit per second) were
+chosen on the synthetic data with a trained detector: NME within 1% of the raw tracks', half of
+the second-difference energy (SMS) above the true motion's removed.
 
 Resumable: each sidecar is written to a temp file and renamed when complete, so an existing
 sidecar is a finished one and is skipped (``--overwrite`` redoes it). A corrupt or unreadable input
@@ -32,7 +35,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from modules.backends import Skipped, first_available  # noqa: E402
-from modules.coords import normalized_to_pixels  # noqa: E402
+from modules.coords import normalized_to_pixels, pixels_to_normalized  # noqa: E402
 from modules.one_euro import smooth_sequence  # noqa: E402
 from datasets.video_io import VideoReader  # noqa: E402
 from tools import video_io  # noqa: E402
@@ -67,17 +70,20 @@ def landmarks_of(path, landmarker, batch_size=8, progress=False, smoothing=None)
         raise ValueError("no frame could be read")
     points = np.concatenate(rows).astype(np.float32)
     if smoothing:
-        points = smooth_track(points, source.fps, **smoothing)
+        points = smooth_track(points, frame.shape[:2], source.fps, **smoothing)
     return points
 
 
-def smooth_track(points, video_fps=None, fps=None, **one_euro):
-    """A landmark track ``T x N x 2`` (pixels) smoothed over time by a One-Euro filter at the
-    video's frame rate (``fps`` overrides it; 25 when neither is known); NaN rows stay NaN."""
+def smooth_track(points, frame_size, video_fps=None, fps=None, **one_euro):
+    """A landmark track ``T x N x 2`` (pixels of ``frame_size`` (H, W) frames) smoothed over time
+    by a One-Euro filter on normalized coordinates, at the video's frame rate (``fps`` overrides
+    it; 25 when neither is known); NaN rows stay NaN."""
     found = np.isfinite(points).all(axis=(1, 2))
     if not found.any():
         return points
-    smoothed = smooth_sequence(points, fps or video_fps or 25.0, valid=found, **one_euro)
+    normalized = pixels_to_normalized(points.astype(np.float64), *frame_size)
+    smoothed = smooth_sequence(normalized, fps or video_fps or 25.0, valid=found, **one_euro)
+    smoothed = normalized_to_pixels(smoothed, *frame_size)
     smoothed[~found] = np.nan
     return smoothed.astype(np.float32)
 
@@ -133,10 +139,11 @@ def parse_args(argv=None):
                         help="a trained landmarks model checkpoint instead of --backend")
     parser.add_argument("--smooth", default=None, action=argparse.BooleanOptionalAction,
                         help="One-Euro smoothing of each track (default: on with --detector)")
-    parser.add_argument("--min-cutoff", type=float, default=1.0,
+    parser.add_argument("--min-cutoff", type=float, default=4.0,
                         help="One-Euro cut-off at rest (Hz)")
-    parser.add_argument("--beta", type=float, default=0.05,
-                        help="One-Euro speed coefficient (per pixel/s)")
+    parser.add_argument("--beta", type=float, default=40.0,
+                        help="One-Euro speed coefficient (per normalized unit per second; the "
+                        "frame spans 2 units)")
     parser.add_argument("--d-cutoff", type=float, default=1.0, help="One-Euro speed cut-off (Hz)")
     parser.add_argument("--fps", type=float, default=None,
                         help="frame rate for smoothing (default: the video's, else 25)")
