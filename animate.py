@@ -33,6 +33,8 @@ from datasets.frames_dataset import image_to_tensor
 from datasets.video_io import (VideoReader, VideoWriter, check_output_path, copy_audio,
                                resize_frame, temporary_path, video_stem)
 from logger import to_uint8_image
+from modules.coords import pixels_to_normalized
+from modules.one_euro import hold_last_valid
 from reconstruction import batched
 
 
@@ -199,6 +201,109 @@ def edit_sequence_from_args(edit=None, sweep=None, fps=25.0):
     return EditSequence(edits, fps)
 
 
+class DrivingLandmarks:
+    """Driving by a landmark file, no driving frames at all (models whose ``driving_signal`` is
+    'landmarks', e.g. ``s2d``).
+
+    The file holds ``T x N x 2`` pixel coordinates (x, y; N = 74 or 68,
+    ``modules/landmark_layout.py``) of frames ``frame_size = (H, W)`` pixels large: a ``.npy``
+    array (then ``frame_size`` must be given) or an ``.npz`` with the array under ``landmarks``
+    and optionally ``frame_size`` (H, W) and ``fps``. Arguments given here win over the file's.
+    Rows with NaN (no face) repeat the last valid row before them. The output video has one
+    frame per row, at ``fps`` (else the file's, else ``default_fps``).
+    """
+
+    audio_source = None
+
+    def __init__(self, path, frame_size=None, fps=None, default_fps=25.0):
+        points, file_size, file_fps = read_landmark_file(path)
+        size = frame_size or file_size
+        if size is None:
+            raise ValueError(f"{path}: the frame size its pixel coordinates refer to is unknown: "
+                             f"pass --landmarks_size H,W or save an .npz with 'frame_size'")
+        self.path, self.frame_size = path, tuple(int(v) for v in size)
+        self.fps = float(fps or file_fps or default_fps)
+        valid = np.isfinite(points).all(axis=(1, 2))
+        if not valid.any():
+            raise ValueError(f"{path}: every row is NaN (no face in any frame)")
+        self.missing = int((~valid).sum())
+        points = hold_last_valid(points, valid)
+        self.landmarks = torch.from_numpy(
+            pixels_to_normalized(points, *self.frame_size).astype(np.float32))
+
+    def __len__(self):
+        return len(self.landmarks)
+
+    def states(self, model, batch_size, device):
+        for start in range(0, len(self.landmarks), batch_size):
+            yield model.encode_driving(self.landmarks[start:start + batch_size].to(device))
+
+    def reference_state(self, model, index, device):
+        return model.encode_driving(self.landmarks[index:index + 1].to(device))
+
+    def find_reference(self, model, source_state, source_array, batch_size, device, detector):
+        """The row whose landmarks are closest to the source's (the model's pose descriptor:
+        centred, size-normalized landmarks)."""
+        target = model.pose_descriptor(source_state)
+        distances = torch.cat([((model.pose_descriptor(state) - target) ** 2).sum(dim=1).cpu()
+                               for state in self.states(model, batch_size, device)])
+        return int(distances.argmin())
+
+    def close(self):
+        pass
+
+
+def read_landmark_file(path):
+    """``(points T x N x 2 float32 pixels, frame_size (H, W) or None, fps or None)`` of a
+    ``.npy`` or ``.npz`` landmark file (arrays only: nothing in it can run code)."""
+    from modules.landmark_layout import check_layout
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"driving landmark file not found: {path}")
+    frame_size = fps = None
+    if path.endswith(".npz"):
+        with np.load(path, allow_pickle=False) as data:
+            if "landmarks" not in data:
+                raise ValueError(f"{path}: an .npz landmark file holds its T x N x 2 array under "
+                                 f"'landmarks' (found {sorted(data.files)})")
+            points = np.asarray(data["landmarks"], dtype=np.float32)
+            if "frame_size" in data:
+                frame_size = tuple(int(v) for v in np.asarray(data["frame_size"]).ravel()[:2])
+            if "fps" in data:
+                fps = float(data["fps"])
+    elif path.endswith(".npy"):
+        points = np.load(path, allow_pickle=False).astype(np.float32)
+    else:
+        raise ValueError(f"{path}: driving landmarks are a .npy array or an .npz file")
+    if points.ndim != 3 or points.shape[-1] != 2 or not len(points):
+        raise ValueError(f"{path}: expected T x N x 2 pixel landmarks, got shape {points.shape}")
+    check_layout(points.shape[1])
+    return points, frame_size, fps
+
+
+def parse_frame_size(text):
+    """``'256'`` -> (256, 256); ``'256,320'`` (H,W) -> (256, 320); None -> None."""
+    if text is None:
+        return None
+    try:
+        values = [int(v) for v in str(text).replace("x", ",").split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if len(values) not in (1, 2) or min(values) < 2:
+        raise ValueError(f"--landmarks_size {text!r}: expected H,W or one side, e.g. 256,256")
+    return (values[0], values[-1])
+
+
+def driving_from_args(args, params):
+    """The driving source of a single-pair ``--mode animate``: a video path, an edit sequence or
+    a :class:`DrivingLandmarks`."""
+    if args.edit or args.edit_sweep:
+        return edit_sequence_from_args(args.edit, args.edit_sweep, params["fps"])
+    if getattr(args, "driving_landmarks", None):
+        return DrivingLandmarks(args.driving_landmarks, parse_frame_size(args.landmarks_size),
+                                args.landmarks_fps, params["fps"])
+    return args.driving_video
+
+
 def choose_reference(driving, model, source_state, source_array, relative, best_frame,
                      find_best_frame, best_frame_by, batch_size, device):
     """Index of the driving element relative motion is measured from (0 by default)."""
@@ -357,15 +462,15 @@ def run_animate(args, config, run_dir, device):
     model = prepare_inference(build_model(config, args.checkpoint, device),
                               SpeedSettings.for_inference(config, "animate_params"), device)
     out_dir = os.path.join(run_dir, "animation")
-    editing = args.edit or args.edit_sweep
-    if args.source_image or args.driving_video or editing:
-        if not args.source_image or bool(args.driving_video) == bool(editing):
-            raise ValueError("animate needs --source_image and either --driving_video or "
-                             "--edit/--edit_sweep (or none of them, to animate the test set's "
-                             "pairs)")
+    drivers = [bool(args.driving_video), bool(args.edit or args.edit_sweep),
+               bool(getattr(args, "driving_landmarks", None))]
+    if args.source_image or any(drivers):
+        if not args.source_image or sum(drivers) != 1:
+            raise ValueError("animate needs --source_image and one of --driving_video, "
+                             "--driving_landmarks or --edit/--edit_sweep (or none of them, to "
+                             "animate the test set's pairs)")
         result = args.result_video or os.path.join(out_dir, "result.mp4")
-        driving = edit_sequence_from_args(args.edit, args.edit_sweep, params["fps"]) \
-            if editing else args.driving_video
+        driving = driving_from_args(args, params)
         info = animate(model, args.source_image, driving, result, relative, adapt,
                        args.best_frame, find_best, device, params["batch_size"], params["fps"],
                        best_frame_by=params["best_frame_by"], **crop_options(args))

@@ -58,6 +58,11 @@ BASE_DEFAULTS = {
         # Optional per-video sidecars next to each video: <stem>.landmarks.npy, <stem>.flame.npz.
         "load_landmarks": False,
         "load_flame": False,
+        # <stem>.parsing.npy face-parsing maps (T x H x W uint8, ids of modules/face_parsing.py).
+        "load_parsing": False,
+        # Training pairs at most this many frames apart (None = any two frames of the video);
+        # 1 = consecutive frames, as the landmark detector's registration loss needs.
+        "max_frame_gap": None,
         "augmentation_params": {
             "flip_param": {"horizontal_flip": True, "time_flip": True},
             "jitter_param": {"brightness": 0.1, "contrast": 0.1, "saturation": 0.1, "hue": 0.1},

@@ -4,6 +4,8 @@
     python run.py --config tiny-fomm.yaml --mode reconstruction --checkpoint log/.../checkpoint_latest.pth
     python run.py --config tiny-fomm.yaml --mode animate --checkpoint CKPT \
         --source_image face.png --driving_video drive.mp4 --result_video out.mp4
+    python run.py --config tiny-s2d.yaml --mode animate --checkpoint CKPT \
+        --source_image face.png --driving_landmarks lm.npz --result_video out.mp4
 
 Every mode is ``function(args, config, run_dir, device)``; training runs it once per device.
 """
@@ -57,6 +59,15 @@ def build_parser():
     animate = parser.add_argument_group("animate mode")
     animate.add_argument("--source_image", help="source portrait (any size, RGB/gray/RGBA)")
     animate.add_argument("--driving_video", help="driving video (.mp4/.gif/.mov or frame folder)")
+    animate.add_argument("--driving_landmarks", default=None,
+                         help="drive by a landmark file instead of a video (landmark-driven "
+                         "models, e.g. s2d): .npy or .npz, T x 74|68 x 2 pixel coordinates")
+    animate.add_argument("--landmarks_size", default=None,
+                         help="frame size H,W (or one side) of --driving_landmarks' pixel "
+                         "coordinates, when the file does not hold it ('frame_size' in an .npz)")
+    animate.add_argument("--landmarks_fps", type=float, default=None,
+                         help="frame rate of --driving_landmarks (default: the .npz's 'fps', "
+                         "else animate_params.fps)")
     animate.add_argument("--result_video", default=None, help="output video path")
     animate.add_argument("--absolute", action="store_true",
                          help="absolute motion instead of relative (animate_params.relative)")

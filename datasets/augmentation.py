@@ -4,8 +4,8 @@ A horizontal flip mirrors the frames, mirrors landmark x coordinates AND swaps t
 landmark indices of the 68-point scheme (a mirrored right eye corner is a left eye corner), and of
 the 74-point layout (``modules/landmark_layout.py``: also the lid midpoints and the pupils); FLAME
 codes are mirrored approximately (rotations and x translation; shape and expression coefficients
-are kept, since FLAME's bases are not exactly symmetric). The same random parameters apply to
-both frames of the pair, as they come from one video.
+are kept, since FLAME's bases are not exactly symmetric); parsing maps are mirrored. The same
+random parameters apply to both frames of the pair, as they come from one video.
 """
 import numpy as np
 
@@ -108,22 +108,36 @@ def shift_hue(planes, shift):
     return out
 
 
-def augment_pair(frames, landmarks, flame, params, rng):
-    """Apply the config's ``augmentation_params`` to a frame pair and its annotations."""
+def augment_frames(frames, params, rng, landmarks=None, flame=None, parsing=None):
+    """Apply the config's ``augmentation_params`` to frames of one video and their annotations
+    (per-frame lists, or None): ``{'frames', 'landmarks', 'flame', 'parsing'}``.
+
+    Parsing maps (``H x W`` label arrays, ``modules/face_parsing.py``) follow the time and the
+    horizontal flip; their ids need no relabelling (left and right parts share an id) and the
+    colour jitter leaves them alone.
+    """
     flip = params.get("flip_param") or {}
+    annotations = {"landmarks": landmarks, "flame": flame, "parsing": parsing}
     if flip.get("time_flip") and rng.rand() < 0.5:
         frames = frames[::-1]
-        landmarks = landmarks[::-1] if landmarks is not None else None
-        flame = flame[::-1] if flame is not None else None
+        annotations = {k: v[::-1] if v is not None else None for k, v in annotations.items()}
     if flip.get("horizontal_flip") and rng.rand() < 0.5:
         width = frames[0].shape[1]
         frames = [np.ascontiguousarray(f[:, ::-1]) for f in frames]
-        if landmarks is not None:
-            landmarks = [flip_landmarks(p, width) for p in landmarks]
-        if flame is not None:
-            flame = [flip_flame(c) for c in flame]
+        mirror = {"landmarks": lambda p: flip_landmarks(p, width), "flame": flip_flame,
+                  "parsing": lambda m: np.ascontiguousarray(m[:, ::-1])}
+        annotations = {k: [mirror[k](a) for a in v] if v is not None else None
+                       for k, v in annotations.items()}
     jitter = params.get("jitter_param")
     if jitter and any(jitter.values()):
         frames = _jitter(list(frames), jitter, rng)
-    return list(frames), (list(landmarks) if landmarks is not None else None), \
-        (list(flame) if flame is not None else None)
+    out = {k: list(v) if v is not None else None for k, v in annotations.items()}
+    out["frames"] = list(frames)
+    return out
+
+
+def augment_pair(frames, landmarks, flame, params, rng):
+    """:func:`augment_frames` for frames with landmarks and FLAME codes:
+    ``(frames, landmarks, flame)``."""
+    out = augment_frames(frames, params, rng, landmarks, flame)
+    return out["frames"], out["landmarks"], out["flame"]

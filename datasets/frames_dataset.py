@@ -2,11 +2,17 @@
 
 A dataset root holds one entry per video (frame folder, stacked-frames image or video file), either
 in ``train/`` and ``test/`` subfolders or in one folder split by a seed. Optional sidecars sit next to
-each video with the same stem: ``<stem>.landmarks.npy`` (T x 68 x 2 float pixel coordinates, NaN rows
-for frames without a face) and ``<stem>.flame.npz`` (arrays shape, exp, pose, cam, each T x n).
-Items carry landmarks as ``source_landmarks``/``driving_landmarks`` (68 x 2, normalized) and 3DMM
-codes as ``source_codes``/``driving_codes`` (:class:`FaceCodes`, batch 1); ``collate_items``
-batches them.
+each video with the same stem: ``<stem>.landmarks.npy`` (T x 68 or T x 74 x 2 float pixel
+coordinates, NaN rows for frames without a face), ``<stem>.flame.npz`` (arrays shape, exp, pose,
+cam, each T x n) and ``<stem>.parsing.npy`` (T x H x W uint8 face-parsing labels,
+``modules/face_parsing.py``). Items carry landmarks as ``source_landmarks``/``driving_landmarks``
+(N x 2, normalized), 3DMM codes as ``source_codes``/``driving_codes`` (:class:`FaceCodes`, batch
+1) and parsing maps as ``source_parsing``/``driving_parsing`` (H x W uint8, resized to the frame
+by nearest neighbour); ``collate_items`` batches them.
+
+``max_frame_gap`` limits how far apart the two frames of a training pair are (1: consecutive
+frames, for the landmark detector's registration loss). A ``root_dir`` holding WFLW's
+annotation lists and images (``datasets/wflw_pairs.py``) gives pairs of annotated still faces.
 """
 import csv
 import os
@@ -17,13 +23,13 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, default_collate
 
-from datasets.augmentation import augment_pair
+from datasets.augmentation import augment_frames
 from datasets.video_io import VideoReader, VideoReadError, is_video_entry, video_stem
 from flame.codes import FaceCodes
 from modules.coords import pixels_to_normalized
 from modules.landmark_layout import LAYOUTS as LANDMARK_LAYOUTS
 
-SIDECAR_SUFFIXES = (".landmarks.npy", ".flame.npz")
+SIDECAR_SUFFIXES = (".landmarks.npy", ".flame.npz", ".parsing.npy")
 FLAME_KEYS = ("shape", "exp", "pose", "cam")
 OPTIONAL_FLAME_KEYS = ("tex", "light")   # albedo and SH lighting codes, when the fit has them
 
@@ -72,7 +78,7 @@ def split_videos(root_dir, is_train, split_seed=0, test_fraction=0.2, by_identit
     return videos
 
 
-def load_sidecars(video_path, load_landmarks, load_flame):
+def load_sidecars(video_path, load_landmarks, load_flame, load_parsing=False):
     """Per-video annotation arrays (numpy, no pickles) or an error naming the missing file."""
     folder, stem = os.path.dirname(os.path.normpath(video_path)), video_stem(video_path)
     out = {}
@@ -92,6 +98,16 @@ def load_sidecars(video_path, load_landmarks, load_flame):
                 raise ValueError(f"{path}: FLAME sidecar lacks arrays {missing}")
             out["flame"] = {k: np.asarray(data[k], dtype=np.float32)
                             for k in FLAME_KEYS + OPTIONAL_FLAME_KEYS if k in data}
+    if load_parsing:
+        path = os.path.join(folder, stem + ".parsing.npy")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"parsing sidecar missing: {path} (dataset_params.load_parsing "
+                                    "is on; convert a face parser's maps to the ids of "
+                                    "modules/face_parsing.py, T x H x W uint8)")
+        out["parsing"] = np.load(path, allow_pickle=False, mmap_mode="r")
+        if out["parsing"].ndim != 3 or out["parsing"].dtype.kind not in "iu":
+            raise ValueError(f"{path}: a parsing sidecar is T x H x W integer labels, got "
+                             f"{out['parsing'].dtype} of shape {out['parsing'].shape}")
     return out
 
 
@@ -177,6 +193,27 @@ def load_sidecar_paths(video, kinds):
     return paths
 
 
+def resize_labels(labels, size):
+    """An ``h x w`` label map resized to ``size`` (H, W) by nearest neighbour, pixel-index
+    positions matched as for landmarks (first and last pixels stay where they are)."""
+    height, width = size
+    if labels.shape == (height, width):
+        return np.array(labels)
+    rows = np.rint(np.arange(height) * (labels.shape[0] - 1) / max(height - 1, 1)).astype(int)
+    cols = np.rint(np.arange(width) * (labels.shape[1] - 1) / max(width - 1, 1)).astype(int)
+    return np.asarray(labels)[rows[:, None], cols[None, :]]
+
+
+def pair_indices(length, rng, max_gap=None):
+    """Two frame indices of a ``length``-frame video in increasing order: any two frames, or two
+    frames ``1..max_gap`` apart."""
+    if max_gap is None:
+        return np.sort(rng.choice(length, size=2, replace=False))
+    gap = rng.randint(1, min(int(max_gap), length - 1) + 1)
+    start = rng.randint(length - gap)
+    return np.array([start, start + gap])
+
+
 def image_to_tensor(frame):
     """H x W x 3 uint8 -> 3 x H x W float in [0, 1]."""
     return torch.tensor(frame).permute(2, 0, 1).float().div_(255.0)
@@ -191,13 +228,20 @@ class FramesDataset(Dataset):
 
     def __init__(self, root_dir, frame_shape=(256, 256, 3), id_sampling=False, is_train=True,
                  split_seed=0, test_fraction=0.2, on_mismatch="convert", load_landmarks=False,
-                 load_flame=False, augmentation_params=None, pairs_list=None, synthetic=None):
+                 load_flame=False, augmentation_params=None, pairs_list=None, synthetic=None,
+                 load_parsing=False, max_frame_gap=None):
         self.root_dir = root_dir
         self.frame_size = tuple(frame_shape[:2])
         self.is_train = is_train
         self.id_sampling = id_sampling
         self.on_mismatch = on_mismatch
         self.load_landmarks, self.load_flame = load_landmarks, load_flame
+        self.load_parsing = load_parsing
+        if max_frame_gap is not None and (isinstance(max_frame_gap, bool) or
+                                          not isinstance(max_frame_gap, int) or max_frame_gap < 1):
+            raise ValueError(f"dataset_params.max_frame_gap must be a positive integer (1 = "
+                             f"consecutive frames) or null, got {max_frame_gap!r}")
+        self.max_frame_gap = max_frame_gap
         self.augmentation_params = augmentation_params if is_train else None
         self.pairs_list = pairs_list
         self.videos = split_videos(root_dir, is_train, split_seed, test_fraction,
@@ -243,22 +287,27 @@ class FramesDataset(Dataset):
                 raise VideoReadError(f"{path}: video has {len(reader)} frame(s); training pairs need "
                                      "at least 2 - remove it from the dataset")
             if frame_indices is None:
-                frame_indices = np.sort(rng.choice(len(reader), size=2, replace=False))
+                frame_indices = pair_indices(len(reader), rng, self.max_frame_gap)
             frames = [reader[int(i)] for i in frame_indices]
             original_size = reader.last_raw_size
         finally:
             reader.close()
-        sidecars = load_sidecars(path, self.load_landmarks, self.load_flame)
-        landmarks = flame = None
+        sidecars = load_sidecars(path, self.load_landmarks, self.load_flame, self.load_parsing)
+        landmarks = flame = parsing = None
         if "landmarks" in sidecars:
             landmarks = [self._landmarks_for(sidecars["landmarks"], int(i), path, original_size)
                          for i in frame_indices]
         if "flame" in sidecars:
             flame = [{k: v[int(i)] for k, v in sidecars["flame"].items()} for i in frame_indices]
+        if "parsing" in sidecars:
+            parsing = [self._parsing_for(sidecars["parsing"], int(i), path)
+                       for i in frame_indices]
         if self.augmentation_params:
-            frames, landmarks, flame = augment_pair(frames, landmarks, flame,
-                                                    self.augmentation_params, rng)
-        return self._to_item(path, frames, landmarks, flame)
+            augmented = augment_frames(frames, self.augmentation_params, rng, landmarks, flame,
+                                       parsing)
+            frames, landmarks = augmented["frames"], augmented["landmarks"]
+            flame, parsing = augmented["flame"], augmented["parsing"]
+        return self._to_item(path, frames, landmarks, flame, parsing)
 
     def _landmarks_for(self, landmarks, index, path, original_size):
         if index >= len(landmarks):
@@ -269,7 +318,13 @@ class FramesDataset(Dataset):
             np.array(original_size[::-1], np.float32) - 1)
         return points * scale  # pixel coordinates of the (possibly resized) frame
 
-    def _to_item(self, path, frames, landmarks, flame):
+    def _parsing_for(self, parsing, index, path):
+        if index >= len(parsing):
+            raise ValueError(f"{path}: parsing sidecar has {len(parsing)} frames but the video "
+                             f"has at least {index + 1}")
+        return resize_labels(parsing[index], self.frame_size).astype(np.uint8)
+
+    def _to_item(self, path, frames, landmarks, flame, parsing=None):
         item = {"name": video_stem(path),
                 "source": image_to_tensor(frames[0]), "driving": image_to_tensor(frames[1])}
         height, width = self.frame_size
@@ -281,6 +336,9 @@ class FramesDataset(Dataset):
         if flame is not None:
             item["source_codes"] = FaceCodes.from_numpy({k: v[None] for k, v in flame[0].items()})
             item["driving_codes"] = FaceCodes.from_numpy({k: v[None] for k, v in flame[1].items()})
+        if parsing is not None:
+            item["source_parsing"] = torch.from_numpy(np.ascontiguousarray(parsing[0]))
+            item["driving_parsing"] = torch.from_numpy(np.ascontiguousarray(parsing[1]))
         return item
 
 
@@ -359,10 +417,14 @@ class PairedDataset(Dataset):
 
 
 def build_dataset(config, is_train):
-    """The config's dataset, generating the synthetic default first when asked to."""
+    """The config's dataset, generating the synthetic default first when asked to; a WFLW folder
+    gives pairs of annotated stills (``datasets/wflw_pairs.py``)."""
     params = dict(config["dataset_params"])
     synthetic = params.get("synthetic")
     if synthetic and not os.path.isdir(params["root_dir"]):
         from datasets.synthetic import ensure_synthetic_dataset
         ensure_synthetic_dataset(params["root_dir"], progress=True, **synthetic)
+    from datasets.wflw_pairs import WFLWPairDataset, is_wflw_root
+    if is_wflw_root(params["root_dir"]):
+        return WFLWPairDataset.from_config(params, is_train)
     return FramesDataset.from_config(params, is_train)

@@ -46,6 +46,8 @@ SIDECAR_TOOLS = {
                   "python -m tools.extract_landmarks DATASET_ROOT"),
     "flame": ("3DMM code sidecars (<video>.flame.npz)", "load_flame",
               "python -m tools.fit_3dmm --checkpoint TDMM_CHECKPOINT DATASET_ROOT"),
+    "parsing": ("face-parsing sidecars (<video>.parsing.npy, T x H x W uint8)", "load_parsing",
+                "a face parser, its labels converted to the ids of modules/face_parsing.py"),
 }
 
 
