@@ -34,9 +34,9 @@ from modules.mg3dmm_completion import CompletionNetwork, fuse_guidance
 from modules.mg3dmm_generator import ReenactmentGenerator
 from modules.mg3dmm_guidance import DEPTH_TOLERANCE_PIXELS, MultipleGuidance
 from modules.model_base import AnimationModel
-from modules.objectives import OBJECTIVE_TRAIN_PARAMS, PerceptualPyramid
+from modules.objectives import OBJECTIVE_TRAIN_PARAMS
 from modules.registry import register_model
-from modules.style_loss import GramStyleLoss
+from modules.style_loss import PerceptualStyleLoss
 from modules.coords import resize_map
 from modules.util import flow_to_color, gray_to_rgb
 
@@ -107,8 +107,7 @@ class MultipleGuidance3DMM(AnimationModel):
         self.generator = ReenactmentGenerator(
             channels, guidance_channels=3 if params["synthesis_guidance"] else 0,
             **model_params["generator_params"])
-        self.perceptual = PerceptualPyramid.from_config(train_params)
-        self.style = GramStyleLoss.from_config(train_params)
+        self.loss = PerceptualStyleLoss.from_config(train_params)    # L_c + lambda_s L_s
 
     # ---------------------------------------------------------------- declarations
     @classmethod
@@ -195,12 +194,10 @@ class MultipleGuidance3DMM(AnimationModel):
         source, driving = batch["source"], batch["driving"]
         codes_source, codes_driving = self.training_codes(batch)
         generated = self.animate(source, codes_source, codes_driving)
-        prediction, losses = generated["prediction"], {}
-        if self.perceptual is not None:
-            losses["perceptual"] = self.perceptual(prediction, driving)          # L_c, eq. 8
-        if self.style is not None:
-            losses["style"] = self.style(prediction, driving)                    # lambda_s L_s
-        return losses, generated
+        if self.loss is None:
+            raise ValueError("mg3dmm trains with the perceptual and style losses, and both "
+                             "weights are 0 (train_params.loss_weights.perceptual / style)")
+        return self.loss(generated["prediction"], driving), generated
 
     # ---------------------------------------------------------------- inference
     def encode_source(self, source):
