@@ -165,6 +165,17 @@ def test_edits_move_the_head_and_a_light_edit_only_relights_the_guidance(root):
     assert not torch.equal(relit["I_r"], frames["I_r"])
 
 
+def test_an_edit_sequence_animates_the_source_through_model_edit(root, tmp_path):
+    """animate.py's --edit_sweep path: one output frame per edit, the head turning."""
+    from animate import EditSequence, animate
+    from modules.editing import sweep_edits
+    config, model = tiny_model(root)
+    source = (batch_of(config)["source"][0].permute(1, 2, 0).numpy() * 255).astype(np.uint8)
+    result = animate(model, source, EditSequence(sweep_edits("yaw", -20, 20, 3)),
+                     str(tmp_path / "sweep.mp4"), progress=False, batch_size=2)
+    assert result["frames"] == 3 and os.path.isfile(tmp_path / "sweep.mp4")
+
+
 # ----------------------------------------------------------------------------- losses
 def test_gram_matrix_by_hand():
     features = torch.randn(2, 3, 4, 5, generator=torch.Generator().manual_seed(0))

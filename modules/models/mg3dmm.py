@@ -24,6 +24,8 @@ Ablation switches (seed 003 Table 3) in ``model_params.mg3dmm_params``: ``flow_g
 ``occlusion_guidance`` (OG), ``synthesis_guidance`` (SG); all off is the paper's base model,
 whose flow and occlusion map come from the completion network alone.
 """
+import logging
+
 import torch
 
 from flame.codes import FaceCodes, relative_codes
@@ -40,6 +42,7 @@ from modules.style_loss import PerceptualStyleLoss
 from modules.coords import resize_map
 from modules.util import flow_to_color, gray_to_rgb
 
+log = logging.getLogger(__name__)
 TRAINING_CODES = ("encoder", "sidecars")
 PERCEPTUAL_KEYS = ("scales", "perceptual_weights_path", "perceptual_pretrained")
 
@@ -98,6 +101,11 @@ class MultipleGuidance3DMM(AnimationModel):
         self.tdmm = build_tdmm_encoder(tdmm, flame)
         if tdmm["checkpoint"]:
             load_pretrained_tdmm(tdmm["checkpoint"], self.tdmm)
+        else:
+            log.warning("mg3dmm: model_params.tdmm_params.checkpoint is not set, so the frozen "
+                        "3DMM encoder is untrained (every frame gets the mean face and the "
+                        "guidance carries no motion) unless a checkpoint of this model restores "
+                        "it; pretrain it with configs/pretrain-3dmm-albedo.yaml")
         self.tdmm.requires_grad_(False)                  # pretrained and frozen, as the paper's
         channels = model_params["common_params"]["num_channels"]
         motion_dim = flame["n_exp"] + tdmm["n_pose"] + 3
