@@ -68,11 +68,12 @@ class ReenactmentGenerator(nn.Module):
         self.first = SameBlock2d(num_channels, block_expansion, kernel_size=7, padding=3, norm=norm)
         self.down_blocks = nn.ModuleList(DownBlock2d(widths[i], widths[i + 1], norm=norm)
                                          for i in range(num_down_blocks))
-        block = lambda i, o: decoder_block(i, o, guidance_channels, spade_hidden, norm)  # noqa: E731
-        self.bottleneck = nn.ModuleList(block(widths[-1], widths[-1])
+        settings = (guidance_channels, spade_hidden, norm)
+        self.bottleneck = nn.ModuleList(decoder_block(widths[-1], widths[-1], *settings)
                                         for _ in range(num_bottleneck_blocks))
-        self.up_blocks = nn.ModuleList(block(widths[i + 1] + widths[i], widths[i])
-                                       for i in reversed(range(num_down_blocks)))
+        self.up_blocks = nn.ModuleList(
+            decoder_block(widths[i + 1] + widths[i], widths[i], *settings)
+            for i in reversed(range(num_down_blocks)))
         self.final = nn.Conv2d(block_expansion, num_channels, 7, padding=3)
 
     def encode(self, source):

@@ -238,8 +238,8 @@ APPEARANCE_LOSS_WEIGHTS = {
 def appearance_loss(rendered, image, face_mask, codes, weights=APPEARANCE_LOSS_WEIGHTS,
                     pixel_weights=None):
     """Weighted sum of the photometric loss and the texture / light-colour regularizers; returns
-    ``(total, {term: value})`` (no texture term for codes without ``tex``). Add it to the landmark + code regularization loss of the encoder's
-    pretraining."""
+    ``(total, {term: value})`` (no texture term for codes without ``tex``). Add it to the
+    landmark + code regularization loss of the encoder's pretraining."""
     terms = {"photometric": photometric_loss(rendered, image, face_mask, pixel_weights),
              "light_colour_regularization": light_colour_regularization(codes)}
     if codes.tex is not None:               # an encoder may regress light without albedo codes

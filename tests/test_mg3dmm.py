@@ -188,7 +188,8 @@ def test_perceptual_and_style_loss_match_the_pyramid_and_the_gram_distance():
     """L_c equals the project's perceptual pyramid over all scales (the full-resolution level is
     shared with the style term), and lambda_s L_s is 250 x the mean |G - G'| over the layers."""
     g = torch.Generator().manual_seed(1)
-    prediction, target = torch.rand(2, 3, 32, 32, generator=g), torch.rand(2, 3, 32, 32, generator=g)
+    prediction = torch.rand(2, 3, 32, 32, generator=g)
+    target = torch.rand(2, 3, 32, 32, generator=g)
     weights = [1.0, 2.0, 0.0, 1.0, 0.5]
     loss = PerceptualStyleLoss([1, 0.5], weights, 250.0, imagenet=False)
     losses = loss(prediction, target)
@@ -206,19 +207,39 @@ def test_perceptual_and_style_loss_match_the_pyramid_and_the_gram_distance():
 def test_training_on_sidecar_codes_uses_their_albedo_and_light(root):
     """training_codes: sidecars trains on the .flame.npz codes (exact tex / light on synthetic
     data): I_r then shows the driving frame's face."""
+    augmentation = "dataset_params.augmentation_params."
     config, model = tiny_model(root, "model_params.mg3dmm_params.training_codes=sidecars",
                                "dataset_params.load_flame=true",
-                               "dataset_params.augmentation_params.flip_param.horizontal_flip=false",
-                               "dataset_params.augmentation_params.jitter_param.brightness=0.0",
-                               "dataset_params.augmentation_params.jitter_param.contrast=0.0",
-                               "dataset_params.augmentation_params.jitter_param.saturation=0.0",
-                               "dataset_params.augmentation_params.jitter_param.hue=0.0")
+                               augmentation + "flip_param.horizontal_flip=false",
+                               *(f"{augmentation}jitter_param.{name}=0.0"
+                                 for name in ("brightness", "contrast", "saturation", "hue")))
     batch = batch_of(config)
     losses, generated = model.generator_step(batch)
-    assert set(losses) == {"perceptual", "style"} and all(torch.isfinite(v) for v in losses.values())
+    assert set(losses) == {"perceptual", "style"}
+    assert all(torch.isfinite(v) for v in losses.values())
     face = generated["face_mask"].expand(-1, 3, -1, -1) > 0.5
     error = (generated["I_r"] - batch["driving"]).abs()[face]
     assert face.sum() > 100 and error.mean() < 2 / 255
+
+
+@torch.no_grad()
+def test_the_model_runs_on_a_bfm_face_model(root, tmp_path):
+    """vox-mg3dmm.yaml's face model: a BFM file (here a tiny one in the documented layout) with
+    80 identity, 64 expression and 80 albedo components."""
+    from test_bfm import write_bfm
+    write_bfm(tmp_path / "BFM_model_front.mat")
+    path = tmp_path / "BFM_model_front.mat"
+    config, model = tiny_model(root, f"model_params.flame_params.bfm_path={path}",
+                               "model_params.flame_params.n_shape=80",
+                               "model_params.flame_params.n_exp=64",
+                               "model_params.tdmm_params.n_tex=80")
+    model.eval()
+    batch = batch_of(config)
+    source = model.encode_source(batch["source"][:1])
+    assert source["codes"].tex.shape == (1, 80) and source["codes"].exp.shape == (1, 64)
+    out = model.generate(source, model.encode_driving(batch["driving"]))
+    assert out["prediction"].shape == (2, 3, SIZE, SIZE)
+    assert out["face_mask"].sum() > 0 and float(out["I_r"].max()) > 0
 
 
 # ----------------------------------------------------------------------------- config checks
@@ -231,7 +252,8 @@ def test_config_checks_name_the_key_and_the_fix(root):
     with pytest.raises(ConfigError, match="tools.fit_3dmm"):
         load_config("tiny-mg3dmm.yaml", tiny_overrides(
             root, "model_params.mg3dmm_params.training_codes=sidecars"))
-    config = load_config("tiny-mg3dmm.yaml", tiny_overrides(root, "model_params.tdmm_params.n_tex=60"))
+    config = load_config("tiny-mg3dmm.yaml",
+                         tiny_overrides(root, "model_params.tdmm_params.n_tex=60"))
     with pytest.raises(ValueError, match="tdmm_params.n_tex"):
         build_model(config)
 

@@ -181,6 +181,22 @@ def test_a_bfm_file_in_the_documented_layout_loads_through_the_face_kit_and_rend
                                atol=1e-5, rtol=0)
 
 
+def test_the_progressive_warping_guidance_renders_a_bfm_face_model(tmp_path):
+    """Seed 001 Table 1's BFM row: the progressive-warping guidance takes the face model the
+    face kit builds for ``bfm_path`` unchanged (NMFC and displacement on the BFM mesh)."""
+    from modules.guidance import GuidanceRenderer
+    write_bfm(tmp_path / "BFM_model_front.mat")
+    bfm = build_face_model({"model_dir": None, "bfm_path": str(tmp_path / "BFM_model_front.mat"),
+                            "n_shape": 80, "n_exp": 64})
+    codes = FaceCodes.zeros(1, n_shape=80, n_exp=64, scale=9.0)
+    moved = codes.replace(cam=torch.tensor([[9.0, 0.01, 0.0]]))
+    for kind in ("nmfc", "geom_disp"):
+        maps = GuidanceRenderer(bfm, 32, kind)(codes, moved)
+        visible = maps.driving_mask[0, 0] > 0.5
+        assert visible.sum() > 100
+        assert maps.decoder_guidance[0][:, visible].abs().sum() > 0
+
+
 def test_a_bfm_path_with_too_many_components_names_the_keys(tmp_path):
     write_bfm(tmp_path / "BFM_model_front.mat")
     with pytest.raises(ValueError, match="n_shape"):
