@@ -5,6 +5,7 @@
   Face Model (``bfm_path``).
 - ``build_tdmm_encoder(tdmm_params, flame_params)``: the MobileNetV2 regressor of codes (with
   albedo and lighting when ``n_tex`` / ``n_light`` ask for them).
+- ``check_appearance_params``: the albedo / light the encoder regresses fit the face model.
 - ``tdmm_loss``, ``photometric_loss``: SAFA's eq. 18 and the authors' photometric term.
 - Appearance (seed 003's albedo delta and SH light gamma), re-exported from ``modules.shading``:
   ``ShadedFace``, ``reenactment_codes``, ``appearance_loss``, ``neutral_light``,
@@ -66,12 +67,7 @@ def build_face_model(flame_params):
         if flame_params["model_dir"]:
             raise ValueError("flame_params sets both bfm_path and model_dir; keep the one face "
                              "model you mean (bfm_path: Basel Face Model, model_dir: FLAME)")
-        try:
-            return BFM.from_file(flame_params["bfm_path"], **sizes)
-        except ValueError as error:
-            raise ValueError(f"flame_params.bfm_path {flame_params['bfm_path']}: {error} (BFM has "
-                             "80 identity, 64 expression and 80 albedo components: set "
-                             "flame_params n_shape, n_exp, n_tex at most that)") from None
+        return BFM.from_file(flame_params["bfm_path"], **sizes)   # 80 / 64 / 80 components
     if flame_params["model_dir"]:
         return FLAME.from_assets(flame_params["model_dir"], **sizes)
     return FLAME.open_head(**sizes)
