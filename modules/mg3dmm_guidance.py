@@ -44,9 +44,10 @@ class MultipleGuidance(nn.Module):
     """``MultipleGuidance(face_model, image_size)(target_codes, source_geometry) -> dict``.
 
     ``face_model``: FLAME with an albedo basis (e.g. ``FLAME.open_head()``) or ``flame.bfm.BFM``.
-    ``depth_tolerance``: how far (in pixels of ``image_size``) a surface point may lie behind the
-    source z-buffer and still count as visible: it absorbs the interpolation of the depth map
-    (1.5 covers surfaces up to about 60 degrees from the view direction).
+    ``depth_tolerance``: how far (in pixels of ``image_size``, depth in the same normalized units
+    as x) a surface point may lie behind the source z-buffer and still count as visible. The
+    z-buffer is read bilinearly between pixel centres, exact on a flat patch but not across the
+    mesh's creases, steep slopes and the silhouette; 1.5 pixels absorbs that (our choice).
 
     Use ``source_geometry(source_codes)`` once per source, ``target_codes(source, driving)`` for
     v_t, then call the module. Output keys (H x W = ``image_size``; all without gradients when
