@@ -1,9 +1,15 @@
 """The 3D-face kit every 3DMM-based model imports: codes, face model, encoder, losses, loading.
 
 - ``FaceCodes``: the one codes type, from the encoder, the sidecars and the losses alike.
-- ``build_face_model(flame_params)``: FLAME from its files, or the open stand-in head.
-- ``build_tdmm_encoder(tdmm_params, flame_params)``: the MobileNetV2 regressor of codes.
+- ``build_face_model(flame_params)``: FLAME from its files, the open stand-in head, or the Basel
+  Face Model (``bfm_path``).
+- ``build_tdmm_encoder(tdmm_params, flame_params)``: the MobileNetV2 regressor of codes (with
+  albedo and lighting when ``n_tex`` / ``n_light`` ask for them).
+- ``check_appearance_params``: the albedo / light the encoder regresses fit the face model.
 - ``tdmm_loss``, ``photometric_loss``: SAFA's eq. 18 and the authors' photometric term.
+- Appearance (seed 003's albedo delta and SH light gamma), re-exported from ``modules.shading``:
+  ``ShadedFace``, ``reenactment_codes``, ``appearance_loss``, ``neutral_light``,
+  ``directional_light``, ``LIGHT_DIM``.
 - ``load_pretrained_tdmm``: a 'tdmm' pretraining checkpoint into an encoder.
 - ``CodeNormalizer``: codes flattened and normalized for GADE (SAFA section 4.4.1).
 
@@ -13,10 +19,13 @@ The defaults below are the config sections these models share (``tdmm_params``,
 import torch
 from torch import nn
 
+from flame.bfm import BFM
 from flame.codes import FaceCodes
 from flame.flame import FLAME
 from modules.precision import full_precision
 from modules.renderer import weak_perspective
+from modules.shading import (LIGHT_DIM, ShadedFace, appearance_loss, directional_light,
+                             neutral_light, reenactment_codes)
 from modules.tdmm_encoder import TDMMEncoder
 
 TDMM_PARAMS = {
@@ -27,11 +36,17 @@ TDMM_PARAMS = {
     "imagenet_weights_path": None,
     "freeze_bn_stats": True,         # the authors' code freezes the pretrained encoder's BN statistics
     "checkpoint": None,              # a 'tdmm' pretraining checkpoint (configs/pretrain-3dmm.yaml)
+    "n_tex": 0,                      # albedo coefficients delta regressed (<= the face model's)
+    "n_light": 0,                    # 0, or 27 SH lighting coefficients gamma (9 bands x RGB)
 }
 FLAME_PARAMS = {
     "model_dir": None,               # DECA's data folder + FLAME 2020 files; None = open head model
     "n_shape": 100,
     "n_exp": 50,
+    # the Basel Face Model instead of FLAME: path of BFM_model_front.mat (flame/bfm.py); it has
+    # 80 identity, 64 expression and 80 albedo components (set n_shape / n_exp / n_tex to fit)
+    "bfm_path": None,
+    "n_tex": None,                   # albedo components of the face model; None = all it has
 }
 TDMM_LOSS_WEIGHTS = {
     "tdmm": 1.0,                     # lambda_3DMM (eq. 20), multiplies the terms below
@@ -45,11 +60,18 @@ CODE_FIELDS = ("shape", "exp", "pose", "cam")
 
 # ----------------------------------------------------------------------------- construction
 def build_face_model(flame_params):
-    """The real FLAME files when ``model_dir`` is set, else the open head (same layout)."""
+    """The Basel Face Model when ``bfm_path`` is set, else the real FLAME files when
+    ``model_dir`` is set, else the open head (same layout)."""
+    sizes = {"n_shape": flame_params["n_shape"], "n_exp": flame_params["n_exp"],
+             "n_tex": flame_params.get("n_tex")}
+    if flame_params.get("bfm_path"):
+        if flame_params["model_dir"]:
+            raise ValueError("flame_params sets both bfm_path and model_dir; keep the one face "
+                             "model you mean (bfm_path: Basel Face Model, model_dir: FLAME)")
+        return BFM.from_file(flame_params["bfm_path"], **sizes)   # 80 / 64 / 80 components
     if flame_params["model_dir"]:
-        return FLAME.from_assets(flame_params["model_dir"], n_shape=flame_params["n_shape"],
-                                 n_exp=flame_params["n_exp"])
-    return FLAME.open_head(n_shape=flame_params["n_shape"], n_exp=flame_params["n_exp"])
+        return FLAME.from_assets(flame_params["model_dir"], **sizes)
+    return FLAME.open_head(**sizes)
 
 
 def build_tdmm_encoder(tdmm_params, flame_params):
@@ -58,12 +80,29 @@ def build_tdmm_encoder(tdmm_params, flame_params):
                        imagenet=tdmm_params["imagenet_init"],
                        weights_path=tdmm_params["imagenet_weights_path"],
                        imagenet_normalize=tdmm_params["imagenet_normalize"],
-                       freeze_bn_stats=tdmm_params.get("freeze_bn_stats", False))
+                       freeze_bn_stats=tdmm_params.get("freeze_bn_stats", False),
+                       n_tex=tdmm_params.get("n_tex", 0), n_light=tdmm_params.get("n_light", 0))
 
 
 def code_dim(tdmm_params, flame_params):
-    """Length of the flattened codes (SAFA: 100 + 50 + 6 + 3 = 159)."""
-    return flame_params["n_shape"] + flame_params["n_exp"] + tdmm_params["n_pose"] + 3
+    """Length of the flattened codes (SAFA: 100 + 50 + 6 + 3 = 159; with appearance the
+    regressed albedo and light coefficients follow: + n_tex + n_light)."""
+    return (flame_params["n_shape"] + flame_params["n_exp"] + tdmm_params["n_pose"] + 3
+            + tdmm_params.get("n_tex", 0) + tdmm_params.get("n_light", 0))
+
+
+def check_appearance_params(tdmm_params, face_model):
+    """The encoder can regress at most the face model's albedo components, and needs a face
+    model with an albedo basis for any; raises ``ValueError`` naming the key."""
+    n_tex = tdmm_params.get("n_tex", 0)
+    if (n_tex or tdmm_params.get("n_light", 0)) and not face_model.has_albedo:
+        raise ValueError("tdmm_params.n_tex / n_light ask for albedo and lighting, but the face "
+                         "model has no albedo basis (FLAME needs vertex_albedo.npz in its "
+                         "folder; the open head and BFM have one)")
+    if n_tex > face_model.n_tex:
+        raise ValueError(f"tdmm_params.n_tex = {n_tex} but the face model has {face_model.n_tex} "
+                         "albedo components (flame_params.n_tex, or the model file's); lower "
+                         "tdmm_params.n_tex")
 
 
 # ----------------------------------------------------------------------------- losses
@@ -165,5 +204,7 @@ def load_pretrained_tdmm(path, encoder):
 
 
 __all__ = ["FaceCodes", "TDMM_PARAMS", "FLAME_PARAMS", "TDMM_LOSS_WEIGHTS", "build_face_model",
-           "build_tdmm_encoder", "code_dim", "landmark_loss", "code_regularization",
-           "photometric_loss", "tdmm_loss", "CodeNormalizer", "load_pretrained_tdmm"]
+           "build_tdmm_encoder", "code_dim", "check_appearance_params", "landmark_loss",
+           "code_regularization", "photometric_loss", "tdmm_loss", "CodeNormalizer",
+           "load_pretrained_tdmm", "LIGHT_DIM", "ShadedFace", "appearance_loss",
+           "directional_light", "neutral_light", "reenactment_codes"]

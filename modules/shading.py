@@ -141,11 +141,19 @@ class ShadedFace(nn.Module):
       mask        B x 1 x H x W   {0, 1}: any visible part of the mesh
       vertices    B x V x 3;  landmarks  B x 68 x 2 (normalized image coordinates)
       fragments   the rasterization (``modules.renderer.Fragments``)
+
+    ``geometry_gradients``: with True (default) gradients of the render reach the geometry
+    (shape, expression, pose, camera) through the rasterized positions (barycentric coordinates)
+    as well as through the normals' shading; with False the pixel coverage is a constant and only
+    the colours (albedo, light, normals) carry gradients. PyTorch3D's CPU backward of the
+    rasterization costs about three forwards, so CPU pretraining runs may turn it off.
     """
 
-    def __init__(self, face_model, image_size=64, renderer=None, mask_threshold=0.5):
+    def __init__(self, face_model, image_size=64, renderer=None, mask_threshold=0.5,
+                 geometry_gradients=True):
         super().__init__()
         self.face_model = face_model
+        self.geometry_gradients = geometry_gradients
         self.renderer = renderer if renderer is not None else Renderer(face_model.faces, image_size)
         self.image_size = image_size
         self.mask_threshold = mask_threshold
@@ -167,8 +175,11 @@ class ShadedFace(nn.Module):
         out = self.face_model(codes)
         colour, albedo, shading = self.vertex_colours(codes, out.vertices)
         size = self.image_size if image_size is None else image_size
+        vertices, cam = out.vertices, codes.cam
+        if not self.geometry_gradients:                  # coverage fixed; colours differentiable
+            vertices, cam = vertices.detach(), cam.detach()
         maps, face_mask, fragments = render_face_region(
-            self.renderer, out.vertices, codes.cam, torch.cat([colour, albedo, shading], -1),
+            self.renderer, vertices, cam, torch.cat([colour, albedo, shading], -1),
             self.face_uvs, self.uv_face_mask, size, self.mask_threshold)
         return {"image": maps[:, 0:3], "albedo": maps[:, 3:6], "shading": maps[:, 6:9],
                 "face_mask": face_mask, "mask": fragments.mask, "vertices": out.vertices,
@@ -227,11 +238,12 @@ APPEARANCE_LOSS_WEIGHTS = {
 def appearance_loss(rendered, image, face_mask, codes, weights=APPEARANCE_LOSS_WEIGHTS,
                     pixel_weights=None):
     """Weighted sum of the photometric loss and the texture / light-colour regularizers; returns
-    ``(total, {term: value})``. Add it to the landmark + code regularization loss of the encoder's
-    pretraining."""
+    ``(total, {term: value})`` (no texture term for codes without ``tex``). Add it to the
+    landmark + code regularization loss of the encoder's pretraining."""
     terms = {"photometric": photometric_loss(rendered, image, face_mask, pixel_weights),
-             "texture_regularization": texture_regularization(codes),
              "light_colour_regularization": light_colour_regularization(codes)}
+    if codes.tex is not None:               # an encoder may regress light without albedo codes
+        terms["texture_regularization"] = texture_regularization(codes)
     total = sum(weights[name] * value for name, value in terms.items())
     return total, terms
 
