@@ -30,6 +30,7 @@ from modules.editing import edit_keypoint_pose
 from modules.facevid2vid_losses import keypoint_prior_loss
 from modules.keypoints_3d import transform_keypoints
 from modules.model_base import AnimationModel
+from modules.multiscale_generator import render_from_volume
 from modules.objectives import (OBJECTIVE_TRAIN_PARAMS, AdversarialObjective, PerceptualPyramid,
                                 gan_discriminator_loss)
 from modules.util import RandomTransform, colorize_masks, draw_keypoints, gray_to_rgb
@@ -109,6 +110,14 @@ class Keypoint3dModel(AnimationModel):
         self.transform_params = dict(train_params["transform_params"],
                                      align_corners=self.align_corners)
 
+    @classmethod
+    def check_config(cls, config):
+        super().check_config(config)
+        if config["train_params"]["loss_weights"]["equivariance_jacobian"]:
+            raise ValueError(f"{cls.name} has no Jacobian equivariance loss (its keypoints carry "
+                             "no Jacobians in any official config): set "
+                             "train_params.loss_weights.equivariance_jacobian to 0")
+
     # ---------------------------------------------------------------- subclass parts
     def image_motion(self, images):
         """The motion (see the module docstring) of a batch of images."""
@@ -117,10 +126,6 @@ class Keypoint3dModel(AnimationModel):
     def motion_keypoints(self, kp_canonical, motion):
         """Keypoints ``{'value': B x K x 3}`` of canonical keypoints moved by ``motion``."""
         raise NotImplementedError
-
-    def decode(self, features):
-        """The generator's decoder on the warped, occluded features: a dict with 'prediction'."""
-        return {"prediction": self.generator.decoder(features)}
 
     # ---------------------------------------------------------------- shared pieces
     @staticmethod
@@ -132,15 +137,9 @@ class Keypoint3dModel(AnimationModel):
     def render(self, source_image, kp_driving, kp_source, volume=None):
         """The generator's output for the source moved from ``kp_source`` to ``kp_driving``;
         ``volume``: the source's appearance volume when already computed (``encode_source``)."""
-        generator = self.generator
         if volume is None:
-            volume = generator.appearance_volume(source_image)
-        motion = generator.dense_motion_network(volume, kp_driving=kp_driving,
-                                                kp_source=kp_source)
-        result = {key: motion[key] for key in ("mask", "occlusion_map", "deformation")
-                  if key in motion}
-        result.update(self.decode(generator.warped_features(volume, motion)))
-        return result
+            volume = self.generator.appearance_volume(source_image)
+        return render_from_volume(self.generator, volume, kp_driving, kp_source)
 
     # ---------------------------------------------------------------- training
     def optimizer_groups(self):

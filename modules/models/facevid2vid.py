@@ -77,10 +77,6 @@ class FaceVid2Vid(Keypoint3dModel):
     def check_config(cls, config):
         super().check_config(config)
         train_params = config["train_params"]
-        if train_params["loss_weights"]["equivariance_jacobian"]:
-            raise ValueError("facevid2vid has no Jacobian equivariance loss (its keypoints carry "
-                             "no Jacobians in any official config): set "
-                             "train_params.loss_weights.equivariance_jacobian to 0")
         if train_params["loss_weights"]["head_pose"] and not train_params["hopenet_snapshot"]:
             raise ValueError("train_params.loss_weights.head_pose is non-zero but "
                              "train_params.hopenet_snapshot names no file: set it to the Hopenet "
