@@ -169,6 +169,109 @@ def edit_sequence_from_args(edit=None, sweep=None, fps=25.0):
     return EditSequence(edits, fps)
 
 
+class PartialMotionVideo(DrivingVideo):
+    """A driving video that transfers only part of its motion: ``'pose'`` (the head rotation,
+    translation and scale, the source keeps its expression) or ``'expression'`` (the source keeps
+    its head pose); ``'all'`` is a plain :class:`DrivingVideo`. For models whose motion is an
+    explicit head pose plus an expression (``transfer_modes``: facevid2vid, mmfa); relative and
+    absolute animation both work (the states carry the choice to the model)."""
+
+    def __init__(self, path, frame_size, transfer, default_fps=25.0):
+        super().__init__(path, frame_size, default_fps)
+        self.transfer = transfer
+
+    def check(self, model):
+        modes = getattr(model, "transfer_modes", ("all",))
+        if self.transfer not in modes:
+            raise ValueError(f"--transfer {self.transfer}: model {model.name!r} supports "
+                             f"{', '.join(modes)} (partial transfer needs an explicit head pose "
+                             "and expression, as facevid2vid and mmfa have)")
+
+    def states(self, model, batch_size, device):
+        self.check(model)
+        for state in super().states(model, batch_size, device):
+            yield dict(state, transfer=self.transfer)
+
+    def reference_state(self, model, index, device):
+        self.check(model)
+        return dict(super().reference_state(model, index, device), transfer=self.transfer)
+
+
+class ExpressionInterpolation(EditSequence):
+    """The source keeps its head pose while its expression moves from image A's to image B's
+    through MMFA's expression VAE (seed 004, section 4.4): ``steps`` frames, t = 0 .. 1.
+
+    ``vae_model``: a trained ``mmfa_vae`` model (:func:`load_expression_vae`) that learned the
+    animating MMFA model's expression features (checked). At t = 0 and t = 1 the expression is
+    exactly image A's and image B's (``modules/expression_vae.py``)."""
+
+    def __init__(self, vae_model, image_a, image_b, steps, fps=25.0):
+        if steps < 2:
+            raise ValueError(f"an expression interpolation needs at least 2 steps, got {steps}")
+        self.vae_model, self.images = vae_model, (image_a, image_b)
+        self.weights = np.linspace(0.0, 1.0, steps)
+        self.edits, self.fps = list(self.weights), fps
+        self.source_state = None    # set by animate() before states() is asked for
+
+    def states(self, model, batch_size, device):
+        if not hasattr(model, "expression_states"):
+            raise ValueError(f"expression interpolation drives MMFA models; {model.name!r} has no "
+                             "expression features")
+        self.vae_model.to(device).eval()
+        self.vae_model.check_encoder(model.expression_encoder)
+        size = model_frame_size(model)
+        image_a, image_b = (image_to_tensor(load_source(image, size))[None].to(device)
+                            for image in self.images)
+        features = self.vae_model.interpolate(image_a, image_b, self.weights)
+        for start in range(0, len(self.weights), batch_size):
+            yield model.expression_states(self.source_state, features[start:start + batch_size])
+
+
+def load_expression_vae(path, device="cpu"):
+    """A trained ``mmfa_vae`` model from its checkpoint (eval mode)."""
+    from checkpoint import load_checkpoint
+    from config import validate
+    from modules.registry import build_model, model_schema
+    state = load_checkpoint(path)
+    if state.get("model") != "mmfa_vae":
+        raise ValueError(f"--vae_checkpoint {path} holds a {state.get('model')!r} model; expected "
+                         "an 'mmfa_vae' checkpoint (python run.py --config tiny-mmfa-vae.yaml "
+                         "--mode train)")
+    config = validate({"model": "mmfa_vae", "model_params": state["model_params"]}, model_schema,
+                      model_check=False)
+    return build_model(config, state, device)
+
+
+def driving_from_args(args, model, config, device="cpu"):
+    """What drives ``--mode animate`` from the command line: an edit sequence (``--edit`` /
+    ``--edit_sweep``), an expression interpolation (``--interpolate_expression``), or the driving
+    video, whole or in part (``--transfer``)."""
+    params = config["animate_params"]
+    if getattr(args, "interpolate_expression", None):
+        if not getattr(args, "vae_checkpoint", None):
+            raise ValueError("--interpolate_expression needs --vae_checkpoint (a trained mmfa_vae "
+                             "checkpoint)")
+        try:
+            image_a, image_b = args.interpolate_expression.split(",")
+        except ValueError:
+            raise ValueError(f"--interpolate_expression {args.interpolate_expression!r}: expected "
+                             "two image paths separated by a comma") from None
+        return ExpressionInterpolation(load_expression_vae(args.vae_checkpoint, device), image_a,
+                                       image_b, args.interpolation_steps, params["fps"])
+    if args.edit or args.edit_sweep:
+        return edit_sequence_from_args(args.edit, args.edit_sweep, params["fps"])
+    return video_driving(args.driving_video, model_frame_size(model, config),
+                         getattr(args, "transfer", "all"), params["fps"])
+
+
+def video_driving(path, frame_size, transfer="all", default_fps=25.0):
+    """A driving video path as ``animate`` takes it: the path itself for a whole transfer, a
+    :class:`PartialMotionVideo` for ``'pose'`` / ``'expression'``."""
+    if transfer == "all":
+        return path
+    return PartialMotionVideo(path, frame_size, transfer, default_fps)
+
+
 def load_source(source_image, size):
     """A path or an H x W x C uint8 array (any size; gray/RGBA converted) -> H x W x 3 uint8."""
     if isinstance(source_image, str):
@@ -248,15 +351,14 @@ def run_animate(args, config, run_dir, device):
     from modules.registry import build_model
     model = build_model(config, args.checkpoint, device)
     out_dir = os.path.join(run_dir, "animation")
-    editing = args.edit or args.edit_sweep
+    editing = args.edit or args.edit_sweep or getattr(args, "interpolate_expression", None)
     if args.source_image or args.driving_video or editing:
         if not args.source_image or bool(args.driving_video) == bool(editing):
             raise ValueError("animate needs --source_image and either --driving_video or "
-                             "--edit/--edit_sweep (or none of them, to animate the test set's "
-                             "pairs)")
+                             "--edit/--edit_sweep/--interpolate_expression (or none of them, to "
+                             "animate the test set's pairs)")
         result = args.result_video or os.path.join(out_dir, "result.mp4")
-        driving = edit_sequence_from_args(args.edit, args.edit_sweep, params["fps"]) \
-            if editing else args.driving_video
+        driving = driving_from_args(args, model, config, device)
         info = animate(model, args.source_image, driving, result, relative, adapt,
                        args.best_frame, find_best, device, params["batch_size"], params["fps"],
                        best_frame_by=params["best_frame_by"])
@@ -273,7 +375,9 @@ def run_animate(args, config, run_dir, device):
         source_frame = source_reader[0]
         source_reader.close()
         name = f"{video_stem(pair['source_video'])}-{video_stem(pair['driving_video'])}"
-        results.append(animate(model, source_frame, pair["driving_video"],
+        driving = video_driving(pair["driving_video"], model_frame_size(model, config),
+                                getattr(args, "transfer", "all"), params["fps"])
+        results.append(animate(model, source_frame, driving,
                                os.path.join(out_dir, name + params["format"]), relative, adapt,
                                args.best_frame, find_best, device, params["batch_size"],
                                default_fps=params["fps"], progress=False,

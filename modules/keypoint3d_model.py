@@ -94,6 +94,8 @@ def stack_states(states):
 class Keypoint3dModel(AnimationModel):
     """Canonical keypoints + objectives; subclasses add ``self.generator`` and the motion parts."""
 
+    transfer_modes = TRANSFER_MODES            # what a driving state's 'transfer' may ask for
+
     def __init__(self, config):
         super().__init__(config)
         model_params, train_params = config["model_params"], config["train_params"]

@@ -99,3 +99,44 @@ def test_keypoints_and_prediction_match_golden_float64(float64_forward):
         torch.testing.assert_close(generated[name]["value"], golden[name], atol=1e-9, rtol=0)
     assert generated["prediction"].mean().item() == pytest.approx(
         golden["prediction_mean"].item(), rel=1e-9)
+
+
+# ----------------------------------------------------------------------------- inference
+@pytest.fixture(scope="module")
+def tiny_model():
+    from modules.registry import load_config
+    torch.manual_seed(0)
+    return build_model(load_config("tiny-facevid2vid.yaml")).eval()
+
+
+@torch.no_grad()
+def test_relative_animation_is_the_reference_demos_normalize_kp(tiny_model):
+    """Relative keypoints = source keypoints + driving - reference keypoints, both with the
+    source's canonical keypoints (the reference demo)."""
+    images = torch.rand(3, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    source = tiny_model.encode_source(images[:1])
+    driving, reference = tiny_model.encode_driving(images[1:2]), \
+        tiny_model.encode_driving(images[2:3])
+    moved = tiny_model.relative_motion(source, driving, reference)["kp"]["value"]
+    kp = lambda motion: tiny_model.motion_keypoints(source["kp_canonical"], motion)["value"]  # noqa
+    torch.testing.assert_close(moved, source["kp"]["value"] + kp(driving) - kp(reference))
+
+
+@torch.no_grad()
+def test_facevid2vid_edits_and_partial_transfer(tiny_model):
+    """The shared editing interface on face-vid2vid's pose (s = 1, per-keypoint deltas), and
+    pose-only transfer keeping the source's deltas."""
+    from modules.editing import FaceEdit
+    images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    source = tiny_model.encode_source(images[:1])
+    states = tiny_model.edit(source, [FaceEdit(yaw=0.0, pitch=0.0, roll=0.0),
+                                      FaceEdit(expression_offset={4: 0.5})])
+    torch.testing.assert_close(states["rotation"][0], torch.eye(3), atol=1e-5, rtol=0)
+    assert states["expression"].shape == (2, 10, 3)
+    delta = states["expression"][1] - source["expression"][0]
+    assert delta.flatten()[4] == pytest.approx(0.5) and delta.abs().sum() == pytest.approx(0.5)
+    driving = tiny_model.encode_driving(images[1:])
+    pose_only = tiny_model.driving_keypoints(source, dict(driving, transfer="pose"))["value"]
+    expected = tiny_model.motion_keypoints(source["kp_canonical"], dict(
+        driving, expression=source["expression"]))["value"]
+    torch.testing.assert_close(pose_only, expected)
