@@ -28,6 +28,7 @@ from modules.face_kit import load_pretrained_tdmm
 from modules.hopenet import Hopenet, hopenet_input
 from modules.keypoints_3d import ANGLE_NAMES, bins_to_degrees, rotation_matrix
 from modules.tdmm_encoder import TDMMEncoder
+from modules.weights_file import load_weights_file
 
 ROTATION_SOURCES = ("tdmm", "hopenet")
 
@@ -84,13 +85,10 @@ class HopenetRotation(FrozenRotation):
         self.freeze()
 
     def load(self, path):
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except FileNotFoundError:
-            raise FileNotFoundError(
-                f"Hopenet weights not found at {path}: MMFA's rotation_params.source 'hopenet' "
-                "needs a Hopenet state-dict file (e.g. hopenet_robust_alpha1.pkl); or use "
-                "source 'tdmm' with a 3DMM pretraining checkpoint") from None
+        state = load_weights_file(
+            path, "Hopenet weights", "MMFA's rotation_params.source 'hopenet' needs a Hopenet "
+            "state-dict file (e.g. hopenet_robust_alpha1.pkl); or use source 'tdmm' with a 3DMM "
+            "pretraining checkpoint")
         self.network.load_state_dict(state)
         self.loaded.fill_(True)
 

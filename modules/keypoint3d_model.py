@@ -120,6 +120,14 @@ class Keypoint3dModel(AnimationModel):
                              "no Jacobians in any official config): set "
                              "train_params.loss_weights.equivariance_jacobian to 0")
 
+    def generator_arguments(self):
+        """Keyword arguments of the 3D generator from ``model_params`` (common + its section)."""
+        model_params = self.config["model_params"]
+        common = model_params["common_params"]
+        return dict(num_kp=common["num_kp"], image_channel=common["num_channels"],
+                    feature_channel=common["feature_channel"],
+                    align_corners=common["align_corners"], **model_params["generator_params"])
+
     # ---------------------------------------------------------------- subclass parts
     def image_motion(self, images):
         """The motion (see the module docstring) of a batch of images."""

@@ -26,6 +26,7 @@ from modules.landmark_detector import LandmarkDetector
 from modules.landmark_layout import LEFT_EYE_BROW, MOUTH, NUM_LANDMARKS, RIGHT_EYE_BROW
 from modules.objectives import VGG19_MIN_SIZE, PerceptualPyramid
 from modules.util import ImagePyramid, RandomTransform
+from modules.weights_file import load_weights_file
 
 LANDMARK_PARTS = {
     "contour": tuple(range(0, 17)) + tuple(range(27, 36)),     # jaw line and nose
@@ -84,13 +85,10 @@ def landmark_weights(part_weights, num_landmarks=NUM_LANDMARKS):
 def load_landmark_detector_state(path, detector):
     """Weights for a :class:`LandmarkDetector` from a plain state-dict file or a framework
     checkpoint holding one (its entries found under whatever prefix they have)."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise FileNotFoundError(
-            f"landmark detector weights not found at {path}: MMFA's landmark loss needs a trained "
-            "74-point detector (modules/landmark_detector.py); set "
-            "model_params.landmark_params.checkpoint, or loss_weights.landmark to 0") from None
+    state = load_weights_file(
+        path, "landmark detector weights", "MMFA's landmark loss needs a trained 74-point detector "
+        "(modules/landmark_detector.py); set model_params.landmark_params.checkpoint, or "
+        "loss_weights.landmark to 0")
     state = state.get("state_dict", state)
     anchor = "stem.0.weight"
     prefixes = [key[:-len(anchor)] for key in state if key.endswith(anchor)]

@@ -108,15 +108,13 @@ def test_tdmm_rotation_turns_flame_pose_into_the_keypoint_frame():
 def test_rotation_weights_load_once_from_a_tdmm_checkpoint(config, tmp_path):
     """prepare_training loads the pretrained rotation network; a restored model keeps the weights
     it was saved with and does not need the file."""
-    from checkpoint import save_checkpoint_atomic
+    from mmfa_helpers import save_model
     torch.manual_seed(1)
     tdmm = build_model(load_config("tiny-pretrain-3dmm.yaml",
                                    ["model_params.tdmm_params.imagenet_init=false"]))
     with torch.no_grad():
         tdmm.encoder.head.bias.normal_()
-    path = str(tmp_path / "tdmm.pth")
-    save_checkpoint_atomic({"model": "tdmm", "model_params": tdmm.config["model_params"],
-                            "state_dict": tdmm.state_dict()}, path)
+    path = save_model(tdmm, tdmm.config, tmp_path / "tdmm.pth")
     overrides = [f"model_params.rotation_params.checkpoint={path}",
                  "model_params.rotation_params.pretrained=true"]
     mmfa = build_model(load_config("tiny-mmfa.yaml", overrides))
@@ -307,15 +305,10 @@ def test_interpolation_reproduces_the_endpoints_and_follows_the_latent_line():
 def test_vae_model_trains_on_the_mmfa_encoder_it_checks(config, tmp_path):
     """mmfa_vae loads the expression encoder of an mmfa checkpoint (refusing mismatched
     settings), keeps it frozen, and refuses another MMFA model's encoder at inference."""
-    from checkpoint import save_checkpoint_atomic
-    torch.manual_seed(2)
-    mmfa = build_model(config)
-    path = str(tmp_path / "mmfa.pth")
-    save_checkpoint_atomic({"model": "mmfa", "model_params": config["model_params"],
-                            "state_dict": mmfa.state_dict()}, path)
-    vae_config = load_config("tiny-mmfa-vae.yaml", [
-        f"model_params.vae_params.mmfa_checkpoint={path}", "model_params.vae_params.pretrained=true"])
-    vae = build_model(vae_config, training=True)
+    from mmfa_helpers import mmfa_checkpoint, vae_config
+    _, path = mmfa_checkpoint(tmp_path, seed=2)
+    mmfa = build_model(config, path)
+    vae = build_model(vae_config(path), training=True)
     vae.prepare_training(None)
     vae.check_encoder(mmfa.expression_encoder)
     losses, generated = vae.generator_step({"source": torch.rand(2, 3, 64, 64),
@@ -327,9 +320,7 @@ def test_vae_model_trains_on_the_mmfa_encoder_it_checks(config, tmp_path):
     torch.manual_seed(3)
     with pytest.raises(ValueError, match="another MMFA model"):
         vae.check_encoder(build_model(config).expression_encoder)
-    wrong = load_config("tiny-mmfa-vae.yaml", [
-        f"model_params.vae_params.mmfa_checkpoint={path}", "model_params.vae_params.pretrained=true",
-        "model_params.expression_params.feature_dim=16"])
+    wrong = vae_config(path, ["model_params.expression_params.feature_dim=16"])
     with pytest.raises(ValueError, match="expression_params.feature_dim"):
         build_model(wrong).prepare_training(None)
     with torch.no_grad():

@@ -9,9 +9,9 @@ import torch
 
 from animate import (ExpressionInterpolation, PartialMotionVideo, animate, frames_to_batch,
                      load_expression_vae)
-from checkpoint import save_checkpoint_atomic
 from conftest import moving_square_frames, write_video
 from datasets.video_io import VideoReader
+from mmfa_helpers import mmfa_checkpoint, save_model, vae_config
 from modules.registry import build_model, load_config
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -22,21 +22,11 @@ def trained_pair(tmp_path_factory):
     """An (untrained) tiny MMFA checkpoint and an expression VAE checkpoint built on its
     expression encoder."""
     folder = tmp_path_factory.mktemp("mmfa")
-    config = load_config("tiny-mmfa.yaml")
-    torch.manual_seed(0)
-    mmfa = build_model(config)
-    mmfa_path = str(folder / "mmfa.pth")
-    save_checkpoint_atomic({"model": "mmfa", "model_params": config["model_params"],
-                            "state_dict": mmfa.state_dict()}, mmfa_path)
-    vae_config = load_config("tiny-mmfa-vae.yaml", [
-        f"model_params.vae_params.mmfa_checkpoint={mmfa_path}",
-        "model_params.vae_params.pretrained=true"])
-    vae = build_model(vae_config)
+    config, mmfa_path = mmfa_checkpoint(folder)
+    settings = vae_config(mmfa_path)
+    vae = build_model(settings)
     vae.prepare_training(None)
-    vae_path = str(folder / "vae.pth")
-    save_checkpoint_atomic({"model": "mmfa_vae", "model_params": vae_config["model_params"],
-                            "state_dict": vae.state_dict()}, vae_path)
-    return config, mmfa_path, vae_path, folder
+    return config, mmfa_path, save_model(vae, settings, folder / "vae.pth"), folder
 
 
 def images(folder, count=3, size=64):

@@ -65,10 +65,7 @@ class FaceVid2Vid(Keypoint3dModel):
             num_kp=common["num_kp"], image_channel=common["num_channels"],
             block_expansion=he_params["block_expansion"], num_bins=he_params["num_bins"],
             widths=tuple(he_params["widths"]))
-        self.generator = OcclusionAwareGenerator3d(
-            num_kp=common["num_kp"], image_channel=common["num_channels"],
-            feature_channel=common["feature_channel"], align_corners=common["align_corners"],
-            **model_params["generator_params"])
+        self.generator = OcclusionAwareGenerator3d(**self.generator_arguments())
         self.pi = model_params["pose_params"]["pi"]
         self.hopenet_snapshot = train_params["hopenet_snapshot"]
         self.hopenet = None          # loaded at the first training step that needs it

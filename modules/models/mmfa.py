@@ -97,11 +97,7 @@ class MMFA(Keypoint3dModel):
         super().__init__(config)
         model_params, train_params = config["model_params"], config["train_params"]
         common = model_params["common_params"]
-        generator_params = model_params["generator_params"]
-        self.generator = MultiScaleGenerator3d(
-            num_kp=common["num_kp"], image_channel=common["num_channels"],
-            feature_channel=common["feature_channel"], align_corners=common["align_corners"],
-            **generator_params)
+        self.generator = MultiScaleGenerator3d(**self.generator_arguments())
         expression = model_params["expression_params"]
         self.expression_encoder = ExpressionEncoder(
             common["num_channels"], expression["feature_dim"], expression["block_expansion"],
@@ -115,7 +111,7 @@ class MMFA(Keypoint3dModel):
         self.rotation_params = model_params["rotation_params"]
         self.rotation = build_rotation(self.rotation_params)
         size = config["dataset_params"]["frame_shape"][0]
-        levels = generator_params["num_down_blocks"] + 1
+        levels = model_params["generator_params"]["num_down_blocks"] + 1
         self.output_sizes = [size // 2 ** (levels - 1 - level) for level in range(levels)]
         self.perceptual = None                      # replaced by the multi-scale one (eq. 6)
         self.multiscale_perceptual = MultiScalePerceptual(train_params, size, self.output_sizes)
