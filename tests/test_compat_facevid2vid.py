@@ -198,3 +198,26 @@ def test_tiny_reference_checkpoint_restores_the_golden_numbers():
     with torch.no_grad():
         value = model.kp_detector(io["inputs"]["source"])["value"]
     torch.testing.assert_close(value, io["kp_detector"]["source"]["value"], atol=1e-5, rtol=0)
+
+
+def test_convert_tool_writes_a_facevid2vid_checkpoint_and_config(tmp_path, capsys):
+    """python -m tools.convert_checkpoint on a face-vid2vid file: the written config and
+    checkpoint build the model with the golden weights (the path docs/mmfa.md describes)."""
+    import yaml
+
+    from tools import convert_checkpoint as cli
+    weights = load_golden("weights")
+    he_estimator = dict(manifest_state("he_estimator"))
+    he_estimator.update({"fc_exp.weight": torch.zeros(15, 2048), "fc_exp.bias": torch.zeros(15)})
+    source = tmp_path / "00000099-checkpoint.pth.tar"
+    torch.save({"kp_detector": weights["kp_detector"], "generator": weights["generator"],
+                "discriminator": weights["discriminator"], "he_estimator": he_estimator,
+                "epoch": 99}, source)
+    target, written = tmp_path / "converted.pth", tmp_path / "converted.yaml"
+    cli.main([str(source), str(target), "--write-config", str(written)])
+    assert "facevid2vid checkpoint ->" in capsys.readouterr().out
+    config = yaml.safe_load(written.read_text())
+    assert config["model"] == "facevid2vid"
+    model = build_model(validate(config, model_schema), str(target))
+    torch.testing.assert_close(model.generator.decoder.final.weight,
+                               weights["generator"]["final.weight"])

@@ -140,3 +140,15 @@ def test_facevid2vid_edits_and_partial_transfer(tiny_model):
     expected = tiny_model.motion_keypoints(source["kp_canonical"], dict(
         driving, expression=source["expression"]))["value"]
     torch.testing.assert_close(pose_only, expected)
+
+
+def test_head_pose_loss_without_a_hopenet_file_is_a_clear_error(tmp_path):
+    from modules.registry import load_config
+    config = load_config("tiny-facevid2vid.yaml", ["train_params.loss_weights.head_pose=20"])
+    model = build_model(config, training=True)                # inference needs no Hopenet
+    batch = {"source": torch.rand(2, 3, 64, 64), "driving": torch.rand(2, 3, 64, 64)}
+    with pytest.raises(ValueError, match="hopenet_snapshot names no file"):
+        model.generator_step(batch)
+    model.hopenet_snapshot = str(tmp_path / "hopenet_robust_alpha1.pkl")
+    with pytest.raises(FileNotFoundError, match="hopenet_robust_alpha1.pkl"):
+        model.generator_step(batch)

@@ -70,19 +70,15 @@ class FaceVid2Vid(Keypoint3dModel):
         self.hopenet_snapshot = train_params["hopenet_snapshot"]
         self.hopenet = None          # loaded at the first training step that needs it
 
-    @classmethod
-    def check_config(cls, config):
-        super().check_config(config)
-        train_params = config["train_params"]
-        if train_params["loss_weights"]["head_pose"] and not train_params["hopenet_snapshot"]:
-            raise ValueError("train_params.loss_weights.head_pose is non-zero but "
-                             "train_params.hopenet_snapshot names no file: set it to the Hopenet "
-                             "weights (hopenet_robust_alpha1.pkl from the deep-head-pose project, "
-                             "a plain state dict) or set loss_weights.head_pose to 0")
-
     def head_pose_reference(self, images):
         """The frozen Hopenet's angles of ``images`` (the head-pose loss's targets)."""
         if self.hopenet is None:
+            if not self.hopenet_snapshot:    # checked here: inference configs need no Hopenet
+                raise ValueError(
+                    "train_params.loss_weights.head_pose is non-zero but "
+                    "train_params.hopenet_snapshot names no file: set it to the Hopenet weights "
+                    "(hopenet_robust_alpha1.pkl from the deep-head-pose project, a plain state "
+                    "dict) or set loss_weights.head_pose to 0")
             parameter = next(self.parameters())
             self.hopenet = load_hopenet(self.hopenet_snapshot).to(device=parameter.device,
                                                                   dtype=parameter.dtype)
