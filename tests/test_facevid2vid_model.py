@@ -54,7 +54,7 @@ def golden_model(dtype):
     assert detect_reference(reference) == "facevid2vid"
     model = build_model(config, convert_checkpoint(reference, config["model_params"]),
                         training=True)
-    model.hopenet = full_hopenet()                        # the recipe's loss network
+    model.use_hopenet(full_hopenet())                     # the recipe's loss network
     return model.to(dtype)
 
 

@@ -68,7 +68,12 @@ class FaceVid2Vid(Keypoint3dModel):
         self.generator = OcclusionAwareGenerator3d(**self.generator_arguments())
         self.pi = model_params["pose_params"]["pi"]
         self.hopenet_snapshot = train_params["hopenet_snapshot"]
-        self.hopenet = None          # loaded at the first training step that needs it
+        self.use_hopenet(None)       # loaded at the first training step that needs it
+
+    def use_hopenet(self, network):
+        """The frozen Hopenet of the head-pose loss: a loss network from its own file, kept out
+        of the module tree (not in state dicts, optimizers or DDP's parameters)."""
+        object.__setattr__(self, "hopenet", network)
 
     def head_pose_reference(self, images):
         """The frozen Hopenet's angles of ``images`` (the head-pose loss's targets)."""
@@ -79,23 +84,9 @@ class FaceVid2Vid(Keypoint3dModel):
                     "train_params.hopenet_snapshot names no file: set it to the Hopenet weights "
                     "(hopenet_robust_alpha1.pkl from the deep-head-pose project, a plain state "
                     "dict) or set loss_weights.head_pose to 0")
-            parameter = next(self.parameters())
-            self.hopenet = load_hopenet(self.hopenet_snapshot).to(device=parameter.device,
-                                                                  dtype=parameter.dtype)
+            self.use_hopenet(load_hopenet(self.hopenet_snapshot))
+        self.use_hopenet(self.hopenet.to(device=images.device, dtype=images.dtype))
         return hopenet_degrees(self.hopenet, images)
-
-    def state_dict(self, *args, **kwargs):
-        """Without the frozen Hopenet: it is a loss network loaded from its own file."""
-        state = super().state_dict(*args, **kwargs)
-        for key in [k for k in state if k.startswith("hopenet.")]:
-            del state[key]
-        return state
-
-    def load_state_dict(self, state_dict, strict=True, assign=False):
-        if self.hopenet is not None:
-            state_dict = dict(state_dict, **{f"hopenet.{k}": v
-                                             for k, v in self.hopenet.state_dict().items()})
-        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     # ---------------------------------------------------------------- motion
     def pose_motion(self, pose):
