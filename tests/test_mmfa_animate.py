@@ -105,6 +105,10 @@ def test_cli_transfer_and_interpolation(trained_pair, tmp_path, capsys):
     assert run.main(common + ["--driving_video", driving, "--transfer", "expression",
                               "--result_video", result]) == 0
     assert len(VideoReader(result)) == 3
+    result = str(tmp_path / "turn.mp4")
+    assert run.main(common + ["--edit", "pitch=0,roll=0", "--edit_sweep", "yaw:-20:20:3",
+                              "--result_video", result]) == 0
+    assert len(VideoReader(result)) == 3
     capsys.readouterr()
     assert run.main(common + ["--interpolate_expression", f"{image_a},{image_b}"]) == 1
     assert "--vae_checkpoint" in capsys.readouterr().err
