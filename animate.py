@@ -293,15 +293,125 @@ def parse_frame_size(text):
     return (values[0], values[-1])
 
 
-def driving_from_args(args, params):
-    """The driving source of a single-pair ``--mode animate``: a video path, an edit sequence or
-    a :class:`DrivingLandmarks`."""
+class PartialMotionVideo:
+    """A driving video that transfers only part of its motion: ``'pose'`` (the head rotation,
+    translation and scale, the source keeps its expression) or ``'expression'`` (the source keeps
+    its head pose); ``'all'`` is a plain driving video. For models whose motion is an explicit
+    head pose plus an expression (``transfer_modes``: facevid2vid, mmfa); relative and absolute
+    animation both work (the states carry the choice to the model).
+
+    Wraps the video's driving source, which :class:`Animation` opens like any driving path (so
+    face cropping applies); ``frame_size`` opens it at once without cropping."""
+
+    def __init__(self, path, frame_size=None, transfer="pose", default_fps=25.0):
+        self.path, self.transfer, self.video = os.fspath(path), transfer, None
+        if frame_size is not None:
+            self.open(DrivingVideo(self.path, frame_size, default_fps))
+
+    def open(self, video):
+        self.video = video
+        self.fps, self.audio_source = video.fps, video.audio_source
+
+    def __len__(self):
+        return len(self.video)
+
+    def find_reference(self, *args, **kwargs):
+        return self.video.find_reference(*args, **kwargs)
+
+    def close(self):
+        if self.video is not None:
+            self.video.close()
+
+    def check(self, model):
+        modes = getattr(model, "transfer_modes", ("all",))
+        if self.transfer not in modes:
+            raise ValueError(f"--transfer {self.transfer}: model {model.name!r} supports "
+                             f"{', '.join(modes)} (partial transfer needs an explicit head pose "
+                             "and expression, as facevid2vid and mmfa have)")
+
+    def states(self, model, batch_size, device):
+        self.check(model)
+        for state in self.video.states(model, batch_size, device):
+            yield dict(state, transfer=self.transfer)
+
+    def reference_state(self, model, index, device):
+        self.check(model)
+        return dict(self.video.reference_state(model, index, device), transfer=self.transfer)
+
+
+class ExpressionInterpolation(EditSequence):
+    """The source keeps its head pose while its expression moves from image A's to image B's
+    through MMFA's expression VAE (seed 004, section 4.4): ``steps`` frames, t = 0 .. 1.
+
+    ``vae_model``: a trained ``mmfa_vae`` model (:func:`load_expression_vae`) that learned the
+    animating MMFA model's expression features (checked). At t = 0 and t = 1 the expression is
+    exactly image A's and image B's (``modules/expression_vae.py``)."""
+
+    def __init__(self, vae_model, image_a, image_b, steps, fps=25.0):
+        if steps < 2:
+            raise ValueError(f"an expression interpolation needs at least 2 steps, got {steps}")
+        self.vae_model, self.images = vae_model, (image_a, image_b)
+        self.weights = np.linspace(0.0, 1.0, steps)
+        self.edits, self.fps = list(self.weights), fps
+        self.source_state = None    # set by animate() before states() is asked for
+        self.cropper = None         # the source's face cropper, also set by animate()
+
+    def states(self, model, batch_size, device):
+        if not hasattr(model, "expression_states"):
+            raise ValueError(f"expression interpolation drives MMFA models; {model.name!r} has no "
+                             "expression features")
+        self.vae_model.to(device).eval()
+        self.vae_model.check_encoder(model.expression_encoder)
+        size = model_frame_size(model)
+        cropper = self.cropper or FaceCropper("none", size)
+        image_a, image_b = (image_to_tensor(cropper.picture(image, f"expression image {name}")
+                                            .frame)[None].to(device)
+                            for name, image in zip("AB", self.images))
+        features = self.vae_model.interpolate(image_a, image_b, self.weights)
+        for start in range(0, len(self.weights), batch_size):
+            yield model.expression_states(self.source_state, features[start:start + batch_size])
+
+
+def load_expression_vae(path, device="cpu"):
+    """A trained ``mmfa_vae`` model from its checkpoint (eval mode)."""
+    from checkpoint import load_checkpoint
+    from config import validate
+    from modules.registry import build_model, model_schema
+    state = load_checkpoint(path)
+    if state.get("model") != "mmfa_vae":
+        raise ValueError(f"--vae_checkpoint {path} holds a {state.get('model')!r} model; expected "
+                         "an 'mmfa_vae' checkpoint (python run.py --config tiny-mmfa-vae.yaml "
+                         "--mode train)")
+    config = validate({"model": "mmfa_vae", "model_params": state["model_params"]}, model_schema,
+                      model_check=False)
+    return build_model(config, state, device)
+
+
+def driving_from_args(args, model, config, device="cpu"):
+    """What drives ``--mode animate`` from the command line: an edit sequence (``--edit`` /
+    ``--edit_sweep``), an expression interpolation (``--interpolate_expression``), a landmark
+    file (``--driving_landmarks``), or the driving video, whole or in part (``--transfer``)."""
+    params = config["animate_params"]
+    if getattr(args, "interpolate_expression", None):
+        if not getattr(args, "vae_checkpoint", None):
+            raise ValueError("--interpolate_expression needs --vae_checkpoint (a trained mmfa_vae "
+                             "checkpoint)")
+        try:
+            image_a, image_b = args.interpolate_expression.split(",")
+        except ValueError:
+            raise ValueError(f"--interpolate_expression {args.interpolate_expression!r}: expected "
+                             "two image paths separated by a comma") from None
+        return ExpressionInterpolation(load_expression_vae(args.vae_checkpoint, device), image_a,
+                                       image_b, args.interpolation_steps, params["fps"])
     if args.edit or args.edit_sweep:
         return edit_sequence_from_args(args.edit, args.edit_sweep, params["fps"])
     if getattr(args, "driving_landmarks", None):
         return DrivingLandmarks(args.driving_landmarks, parse_frame_size(args.landmarks_size),
                                 args.landmarks_fps, params["fps"])
-    return args.driving_video
+    transfer = getattr(args, "transfer", "all")
+    # a whole transfer: the path itself (animate opens it, face-cropped unless --crop none)
+    return args.driving_video if transfer == "all" else \
+        PartialMotionVideo(args.driving_video, None, transfer, params["fps"])
 
 
 def choose_reference(driving, model, source_state, source_array, relative, best_frame,
@@ -348,9 +458,12 @@ class Animation:
             image_to_tensor(self.source.frame)[None].to(self.device))
         if isinstance(driving, (str, os.PathLike)):
             driving = driving_from_path(os.fspath(driving), size, cropper, default_fps)
+        elif isinstance(driving, PartialMotionVideo) and driving.video is None:
+            driving.open(driving_from_path(driving.path, size, cropper, default_fps))
         self.driving, self.relative = driving, relative
         if isinstance(driving, EditSequence):
             driving.source_state, self.relative = self.source_state, False
+            driving.cropper = cropper
         try:
             self.reference_index = choose_reference(
                 driving, model, self.source_state, self.source.frame, self.relative, best_frame,
@@ -462,15 +575,16 @@ def run_animate(args, config, run_dir, device):
     model = prepare_inference(build_model(config, args.checkpoint, device),
                               SpeedSettings.for_inference(config, "animate_params"), device)
     out_dir = os.path.join(run_dir, "animation")
-    drivers = [bool(args.driving_video), bool(args.edit or args.edit_sweep),
+    drivers = [bool(args.driving_video),
+               bool(args.edit or args.edit_sweep or getattr(args, "interpolate_expression", None)),
                bool(getattr(args, "driving_landmarks", None))]
     if args.source_image or any(drivers):
         if not args.source_image or sum(drivers) != 1:
             raise ValueError("animate needs --source_image and one of --driving_video, "
-                             "--driving_landmarks or --edit/--edit_sweep (or none of them, to "
-                             "animate the test set's pairs)")
+                             "--driving_landmarks, --edit/--edit_sweep or --interpolate_expression "
+                             "(or none of them, to animate the test set's pairs)")
         result = args.result_video or os.path.join(out_dir, "result.mp4")
-        driving = driving_from_args(args, params)
+        driving = driving_from_args(args, model, config, device)
         info = animate(model, args.source_image, driving, result, relative, adapt,
                        args.best_frame, find_best, device, params["batch_size"], params["fps"],
                        best_frame_by=params["best_frame_by"], **crop_options(args))
@@ -491,7 +605,10 @@ def run_animate(args, config, run_dir, device):
         source_frame = source_reader[0]
         source_reader.close()
         name = f"{video_stem(pair['source_video'])}-{video_stem(pair['driving_video'])}"
-        results.append(animate(model, source_frame, pair["driving_video"],
+        transfer = getattr(args, "transfer", "all")
+        driving = pair["driving_video"] if transfer == "all" else \
+            PartialMotionVideo(pair["driving_video"], None, transfer, params["fps"])
+        results.append(animate(model, source_frame, driving,
                                os.path.join(out_dir, name + params["format"]), relative, adapt,
                                args.best_frame, find_best, device, params["batch_size"],
                                default_fps=params["fps"], progress=False,

@@ -99,6 +99,16 @@ def build_parser():
     animate.add_argument("--edit_sweep", default=None,
                          help="a video of the source with one value swept, name:start:stop:steps, "
                          "e.g. yaw:-30:30:61 (on top of --edit)")
+    animate.add_argument("--transfer", default="all", choices=("all", "pose", "expression"),
+                         help="what the driving video transfers (facevid2vid, mmfa): everything, "
+                         "only the head pose, or only the expression")
+    animate.add_argument("--interpolate_expression", default=None, metavar="A,B",
+                         help="mmfa: the source's expression moving from image A's to image B's "
+                         "through the expression VAE (needs --vae_checkpoint)")
+    animate.add_argument("--interpolation_steps", type=int, default=30,
+                         help="frames of --interpolate_expression")
+    animate.add_argument("--vae_checkpoint", default=None,
+                         help="a trained mmfa_vae checkpoint for --interpolate_expression")
     return parser
 
 

@@ -1,8 +1,8 @@
-"""Released FOMM and SAFA checkpoints mapped onto this framework's networks.
+"""Released FOMM, SAFA and face-vid2vid checkpoints mapped onto this framework's networks.
 
 A reference checkpoint is a dict of per-network state dicts (``generator``, ``kp_detector``,
-``discriminator``, SAFA's ``tdmm``) plus optimizer states and the epoch. It is recognized by its
-keys (:func:`detect_reference`):
+``discriminator``, SAFA's ``tdmm``, face-vid2vid's ``he_estimator``) plus optimizer states and the
+epoch. It is recognized by its keys (:func:`detect_reference`):
 
 ==============  =========================================================================
 kind            recognized by
@@ -12,7 +12,12 @@ kind            recognized by
 ``safa``        as FOMM plus GADE / contextual attention keys (``fc_1.weight``,
                 ``context_atten_layer.fuse_weight``) and ``tdmm`` (SAFA's end2end)
 ``safa-tdmm``   ``tdmm`` alone (SAFA's 3DMM pretraining)
+``facevid2vid`` ``kp_detector`` with a 3D heatmap head + ``he_estimator`` + ``generator``
+                (the public face-vid2vid re-implementation; either generator class)
 ==============  =========================================================================
+
+face-vid2vid's key renaming and its settings read off the shapes live in
+``compat/facevid2vid.py``; this module calls them like the FOMM/SAFA rule tables.
 
 Each reference key is renamed to ours by the rule tables below (regular expressions, first match
 wins, unmatched keys keep their name), and the result is checked key for key and shape for shape
@@ -42,7 +47,9 @@ import torch
 DISCRIMINATOR_PREFIX = "adversarial.discriminator."   # where the model keeps its discriminator
 NETWORK_PREFIXES = {"kp_detector": "kp_detector.", "generator": "generator.",
                     "discriminator": DISCRIMINATOR_PREFIX, "tdmm": "tdmm."}
-KINDS = ("fomm", "safa", "safa-tdmm")
+FACEVID2VID_PREFIXES = {"kp_detector": "kp_detector.", "he_estimator": "he_estimator.",
+                        "generator": "generator.", "discriminator": DISCRIMINATOR_PREFIX}
+KINDS = ("fomm", "safa", "safa-tdmm", "facevid2vid")
 OPTIONAL_NETWORKS = {   # the demos need only kp_detector and generator (+ tdmm for SAFA)
     "discriminator": "ours keeps its initialization (needed only to continue training)",
     "tdmm": "the 3DMM encoder keeps its initialization (set tdmm_params.checkpoint)",
@@ -140,18 +147,24 @@ def network_rules(kind, network, state):
         return discriminator_rules(state)
     if network == "tdmm":
         return TDMM_RULES
+    if kind == "facevid2vid":                       # renamed by compat/facevid2vid.py
+        return ()
     raise ValueError(f"no key mapping for the reference network {network!r}")
 
 
 # ----------------------------------------------------------------------------- recognition
 def detect_reference(checkpoint):
-    """'fomm', 'safa' or 'safa-tdmm' for a reference checkpoint dict (see the module docstring)."""
+    """'fomm', 'safa', 'safa-tdmm' or 'facevid2vid' for a reference checkpoint dict (see the
+    module docstring)."""
+    from compat.facevid2vid import is_facevid2vid_checkpoint
     if not isinstance(checkpoint, dict):
         raise ValueError(f"a reference checkpoint is a dict of state dicts, got "
                          f"{type(checkpoint).__name__}")
     if "state_dict" in checkpoint and "model" in checkpoint:
         raise ValueError("this is already a checkpoint of this framework (it has 'model' and "
                          "'state_dict'); it needs no conversion")
+    if is_facevid2vid_checkpoint(unwrap_data_parallel(checkpoint)[0]):
+        return "facevid2vid"
     generator = checkpoint.get("generator")
     if isinstance(generator, dict) and "kp_detector" in checkpoint:
         generator = {key.removeprefix("module."): None for key in generator}
@@ -161,8 +174,9 @@ def detect_reference(checkpoint):
             return "fomm"
     if "tdmm" in checkpoint and "generator" not in checkpoint:
         return "safa-tdmm"
-    raise ValueError(f"not a recognized FOMM or SAFA checkpoint; its top-level keys are "
-                     f"{sorted(checkpoint)} (expected generator + kp_detector, or tdmm alone)")
+    raise ValueError(f"not a recognized FOMM, SAFA or face-vid2vid checkpoint; its top-level keys "
+                     f"are {sorted(checkpoint)} (expected generator + kp_detector (+ he_estimator),"
+                     f" or tdmm alone)")
 
 
 def fomm_discriminator_variant(state, num_channels=3):
@@ -179,7 +193,7 @@ def unwrap_data_parallel(checkpoint):
     """The checkpoint with 'module.' removed from networks saved through a (Distributed)
     DataParallel wrapper, and a note per such network."""
     unwrapped, notes = dict(checkpoint), []
-    for name in NETWORK_PREFIXES:
+    for name in {**NETWORK_PREFIXES, **FACEVID2VID_PREFIXES}:
         state = checkpoint.get(name)
         if isinstance(state, dict) and state and all(k.startswith("module.") for k in state):
             unwrapped[name] = OrderedDict((k[len("module."):], v) for k, v in state.items())
@@ -192,6 +206,11 @@ def map_network_state(kind, network, state):
     mapped, notes = OrderedDict(), []
     rules = network_rules(kind, network, state)
     dropped = DROPPED.get(network, {}) if kind.startswith("safa") else {}
+    if kind == "facevid2vid":
+        from compat.facevid2vid import rename_key
+        scales = discriminator_scales(state) if network == "discriminator" else (1,)
+        return OrderedDict((rename_key(network, key, scales), value)
+                           for key, value in state.items()), notes
     for key, value in state.items():
         reason = next((why for pattern, why in dropped.items() if re.match(pattern, key)), None)
         if reason is not None:
@@ -282,6 +301,11 @@ def infer_model_params(kind, checkpoint):
     the value of every official config, 0.1; a reference YAML is the better source when at hand.
     """
     from compat.configs import SAFA_CODE_VARIANT, fomm_model_params
+    if kind == "facevid2vid":
+        from compat.facevid2vid import (generator_decoder, infer_reference_model_params,
+                                        model_params_from_reference)
+        return model_params_from_reference(infer_reference_model_params(checkpoint),
+                                           generator_decoder(checkpoint["generator"]))
     if kind == "safa-tdmm":
         return {"tdmm_params": dict(SAFA_CODE_VARIANT.tdmm_params)}
     kp, generator = checkpoint["kp_detector"], checkpoint["generator"]
@@ -337,6 +361,8 @@ def discriminator_params(state, num_channels):
 # ----------------------------------------------------------------------------- our side
 def model_prefixes(model):
     """Where each reference network lives in our model's state dict."""
+    if model == "facevid2vid":
+        return FACEVID2VID_PREFIXES
     return dict(NETWORK_PREFIXES, tdmm="encoder.") if model == "tdmm" else NETWORK_PREFIXES
 
 
@@ -383,7 +409,8 @@ def convert_checkpoint(checkpoint, model_params=None):
     """A reference checkpoint dict -> this framework's checkpoint dict (see module docstring).
 
     ``model_params``: our model_params for the checkpoint (e.g. from
-    ``compat.configs.convert_reference_config`` of its YAML); None = read off the shapes.
+    ``compat.configs.convert_reference_config`` of its YAML, or a facevid2vid config's);
+    None = read off the shapes.
     """
     kind = detect_reference(checkpoint)
     checkpoint, unwrapped = unwrap_data_parallel(checkpoint)
@@ -417,6 +444,15 @@ def convert_checkpoint(checkpoint, model_params=None):
                                "initialized_here": initialized_here}}
 
 
+def as_framework_checkpoint(checkpoint, model_params=None):
+    """A loaded checkpoint in this framework's format: ours as it is, a recognized reference
+    checkpoint converted (:func:`convert_checkpoint`, with ``model_params`` when given)."""
+    if isinstance(checkpoint, dict) and "model" in checkpoint and "state_dict" in checkpoint:
+        return checkpoint
+    return convert_checkpoint(checkpoint, model_params)
+
+
 __all__ = ["DISCRIMINATOR_PREFIX", "KINDS", "detect_reference", "map_network_state",
-           "check_state", "build_model_on_meta", "network_states", "infer_model_params", "load_reference_checkpoint",
-           "convert_checkpoint", "kernel_scale"]
+           "check_state", "build_model_on_meta", "network_states", "infer_model_params",
+           "load_reference_checkpoint", "convert_checkpoint", "as_framework_checkpoint",
+           "kernel_scale", "scale_names"]

@@ -28,12 +28,14 @@ import re
 
 import torch
 
-# Where each network's entries go in the converted state dict (one place to rename).
+# Where each network's entries go in the converted state dict (one place to rename): the
+# ``facevid2vid`` model's layout (modules/models/facevid2vid.py; its discriminator lives in its
+# adversarial objective).
 NETWORK_PREFIXES = {
     "kp_detector": "kp_detector.",
     "he_estimator": "he_estimator.",
     "generator": "generator.",
-    "discriminator": "discriminator.",
+    "discriminator": "adversarial.discriminator.",
 }
 REQUIRED_NETWORKS = ("kp_detector", "he_estimator", "generator")
 
@@ -109,8 +111,10 @@ def rename_key(network, key, scales=(1,)):
 
 
 def scale_name(scale):
-    """The reference's module name of a discriminator scale (``0.5`` -> ``'0-5'``)."""
-    return str(scale).replace(".", "-")
+    """The reference's module name of a discriminator scale (``0.5`` -> ``'0-5'``; ``1`` and
+    ``1.0`` -> ``'1'``, as the reference's YAML writes it)."""
+    value = float(scale)
+    return (str(int(value)) if value.is_integer() else str(value)).replace(".", "-")
 
 
 def rename_discriminator_key(key, scales):
@@ -141,11 +145,14 @@ def network_arguments(model_params, decoder="original"):
     generator_params = dict(model_params["generator_params"])
     disc_params = dict(model_params.get("discriminator_params", {}))
     shared = {"num_kp": common["num_kp"], "image_channel": common["image_channel"]}
+    he_arguments = {**shared, "block_expansion": he_params["block_expansion"],
+                    "num_bins": he_params["num_bins"]}
+    if "widths" in he_params:          # our option; the reference's widths are fixed
+        he_arguments["widths"] = tuple(he_params["widths"])
     return {
         "kp_detector": {**shared, **kp_params,
                         "estimate_jacobian": common.get("estimate_jacobian", False)},
-        "he_estimator": {**shared, "block_expansion": he_params["block_expansion"],
-                         "num_bins": he_params["num_bins"]},
+        "he_estimator": he_arguments,
         "generator": {**shared, "feature_channel": common["feature_channel"],
                       **generator_params, "decoder": decoder},
         "discriminator": {"scales": disc_params.get("scales", [1]),
@@ -175,6 +182,105 @@ def expected_shapes(network, arguments):
     with torch.device("meta"):
         module = build_network(network, arguments)
     return {key: tuple(value.shape) for key, value in module.state_dict().items()}
+
+
+# ----------------------------------------------------------------------------- model_params
+def model_params_from_reference(model_params, decoder="original"):
+    """The ``facevid2vid`` model's ``model_params`` (our layout) from a reference
+    ``model_params`` section (``he_estimator_params.widths`` may be given for non-reference
+    widths; the reference's ``max_features`` of the estimator is unused there too)."""
+    arguments = network_arguments(model_params, decoder)
+    common = model_params["common_params"]
+    kp = {k: v for k, v in arguments["kp_detector"].items()
+          if k not in ("num_kp", "image_channel", "estimate_jacobian")}
+    generator = {k: v for k, v in arguments["generator"].items()
+                 if k not in ("num_kp", "image_channel", "feature_channel")}
+    he_params = model_params["he_estimator_params"]
+    he = {"block_expansion": he_params["block_expansion"], "num_bins": he_params["num_bins"]}
+    if "widths" in he_params:
+        he["widths"] = list(he_params["widths"])
+    discriminator = {k: v for k, v in arguments["discriminator"].items() if k != "num_channels"}
+    discriminator["scales"] = [float(scale) for scale in discriminator["scales"]]
+    return {
+        "common_params": {"num_kp": common["num_kp"], "num_channels": common["image_channel"],
+                          "feature_channel": common["feature_channel"],
+                          "estimate_jacobian": common.get("estimate_jacobian", False)},
+        "kp_detector_params": kp, "he_estimator_params": he, "generator_params": generator,
+        "discriminator_params": discriminator,
+    }
+
+
+def count_indices(state, pattern):
+    return len({match.group(1) for key in state for match in [re.match(pattern, key)] if match})
+
+
+def infer_reference_model_params(checkpoint):
+    """A reference-layout ``model_params`` section read off a checkpoint's tensor shapes.
+
+    What the weights cannot tell takes the value of every official config: the keypoint softmax
+    temperature 0.1. The keypoint detector's input scale comes from its anti-aliasing kernel
+    (absent: scale 1, the Beta release).
+    """
+    from compat.checkpoints import kernel_scale, scale_names
+
+    kp, he, generator = checkpoint["kp_detector"], checkpoint["he_estimator"], \
+        checkpoint["generator"]
+    num_blocks = count_indices(kp, r"^predictor\.down_blocks\.down(\d+)\.")
+    down_widths = [kp[f"predictor.down_blocks.down{i}.conv.weight"].shape[0]
+                   for i in range(num_blocks)]
+    reshape_channel = kp["predictor.conv.weight"].shape[0]
+    kp_params = {"temperature": 0.1,
+                 "block_expansion": kp[f"predictor.up_blocks.up{num_blocks - 1}.conv.weight"]
+                 .shape[0],
+                 "max_features": max(down_widths), "num_blocks": num_blocks,
+                 "scale_factor": kernel_scale(kp["down.weight"]) if "down.weight" in kp else 1,
+                 "reshape_channel": reshape_channel,
+                 "reshape_depth": reshape_channel // down_widths[-1]}
+    dense = "dense_motion_network."
+    dense_blocks = count_indices(generator, rf"^{dense}hourglass\.encoder\.down_blocks\.(\d+)\.")
+    mask_width = generator[f"{dense}mask.weight"].shape[1]
+    occlusion = generator.get(f"{dense}occlusion.weight")
+    feature_channel = generator[f"{dense}compress.weight"].shape[1]
+    max_features = generator["second.weight"].shape[0]
+    dense_params = {
+        "block_expansion": generator[f"{dense}hourglass.decoder.up_blocks.{dense_blocks - 1}"
+                                     ".conv.weight"].shape[0],
+        "max_features": max(generator[f"{dense}hourglass.encoder.down_blocks.{i}.conv.weight"]
+                            .shape[0] for i in range(dense_blocks)),
+        "num_blocks": dense_blocks,
+        "reshape_depth": occlusion.shape[1] // mask_width if occlusion is not None
+        else max_features // feature_channel,
+        "compress": generator[f"{dense}compress.weight"].shape[0]}
+    generator_params = {
+        "block_expansion": generator["first.conv.weight"].shape[0],
+        "max_features": max_features,
+        "num_down_blocks": count_indices(generator, r"^down_blocks\.(\d+)\."),
+        "reshape_channel": feature_channel, "reshape_depth": max_features // feature_channel,
+        "num_resblocks": count_indices(generator, r"^resblocks_3d\.3dr(\d+)\."),
+        "estimate_occlusion_map": occlusion is not None,
+        "dense_motion_params": dense_params}
+    params = {
+        "common_params": {"num_kp": kp["kp.weight"].shape[0],
+                          "image_channel": kp["predictor.down_blocks.down0.conv.weight"].shape[1],
+                          "feature_channel": feature_channel,
+                          "estimate_jacobian": "jacobian.weight" in kp},
+        "kp_detector_params": kp_params,
+        "he_estimator_params": {"block_expansion": he["conv1.weight"].shape[0],
+                                "num_bins": he["fc_pitch.weight"].shape[0],
+                                "widths": [he[f"conv{i}.weight"].shape[0] for i in range(2, 6)]},
+        "generator_params": generator_params,
+    }
+    discriminator = checkpoint.get("discriminator")
+    if isinstance(discriminator, dict):
+        names = scale_names(discriminator)
+        prefix = f"discs.{names[0]}.down_blocks."
+        widths = [value.shape[0] for key, value in discriminator.items()
+                  if re.match(rf"^{re.escape(prefix)}\d+\.conv\.weight(_orig)?$", key)]
+        params["discriminator_params"] = {
+            "scales": [float(name.replace("-", ".")) for name in names],
+            "block_expansion": widths[0] // 2, "max_features": max(widths),
+            "num_blocks": len(widths), "sn": any(k.endswith("weight_orig") for k in discriminator)}
+    return params
 
 
 # ----------------------------------------------------------------------------- checking
@@ -245,4 +351,4 @@ def network_state(converted, network):
 __all__ = ["NETWORK_PREFIXES", "VOX_256_MODEL_PARAMS", "is_facevid2vid_checkpoint",
            "generator_decoder", "rename_key", "rename_state", "network_arguments", "build_network",
            "expected_shapes", "check_state", "convert_network_state", "convert_facevid2vid_state",
-           "network_state"]
+           "network_state", "model_params_from_reference", "infer_reference_model_params"]

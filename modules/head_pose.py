@@ -8,8 +8,9 @@ re-implementation) pooled to one vector, then five linear heads:
   t                  ``B x 3``       translation
   exp                ``B x 3K``      expression deltas (reshape to ``B x K x 3``)
 
-Only ``block_expansion`` (the stem width), ``num_bins`` and ``num_kp`` are configurable, as in the
-reference. Layer names follow what each head predicts; the reference names its yaw head
+``block_expansion`` (the stem width), ``num_bins`` and ``num_kp`` are configurable as in the
+reference; ``widths`` (the four stage widths, the reference's 256 .. 2048 by default) lets CPU
+test configs shrink the trunk. Layer names follow what each head predicts; the reference names its yaw head
 ``fc_roll`` and its roll head ``fc_yaw``, which the checkpoint converter swaps
 (``compat/facevid2vid.py``).
 """
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 NUM_BINS = 66   # 3-degree bins of Hopenet's head-pose classifier
+REFERENCE_WIDTHS = (256, 512, 1024, 2048)   # stage widths, fixed in the reference
 
 
 class ResBottleneck(nn.Module):
@@ -62,34 +64,39 @@ class HeadPoseEstimator(nn.Module):
     Every conv outside the bottlenecks is followed by batch norm and ReLU.
     """
 
-    def __init__(self, num_kp=15, image_channel=3, block_expansion=64, num_bins=NUM_BINS):
+    def __init__(self, num_kp=15, image_channel=3, block_expansion=64, num_bins=NUM_BINS,
+                 widths=REFERENCE_WIDTHS):
         super().__init__()
+        if len(widths) != 4 or any(w % 4 for w in widths):
+            raise ValueError(f"head-pose estimator widths must be four multiples of 4 (the "
+                             f"bottlenecks work at a quarter width), got {list(widths)}")
+        w1, w2, w3, w4 = widths
         self.num_kp = num_kp
         self.conv1 = nn.Conv2d(image_channel, block_expansion, kernel_size=7, padding=3, stride=2)
         self.norm1 = nn.BatchNorm2d(block_expansion)
-        self.conv2 = nn.Conv2d(block_expansion, 256, kernel_size=1)
-        self.norm2 = nn.BatchNorm2d(256)
-        self.block1 = bottleneck_stage(256, 3)
-        self.conv3 = nn.Conv2d(256, 512, kernel_size=1)
-        self.norm3 = nn.BatchNorm2d(512)
-        self.block2 = ResBottleneck(512, stride=2)
-        self.block3 = bottleneck_stage(512, 3)
-        self.conv4 = nn.Conv2d(512, 1024, kernel_size=1)
-        self.norm4 = nn.BatchNorm2d(1024)
-        self.block4 = ResBottleneck(1024, stride=2)
-        self.block5 = bottleneck_stage(1024, 5)
-        self.conv5 = nn.Conv2d(1024, 2048, kernel_size=1)
-        self.norm5 = nn.BatchNorm2d(2048)
-        self.block6 = ResBottleneck(2048, stride=2)
-        self.block7 = bottleneck_stage(2048, 2)
-        self.fc_yaw = nn.Linear(2048, num_bins)
-        self.fc_pitch = nn.Linear(2048, num_bins)
-        self.fc_roll = nn.Linear(2048, num_bins)
-        self.fc_t = nn.Linear(2048, 3)
-        self.fc_exp = nn.Linear(2048, 3 * num_kp)
+        self.conv2 = nn.Conv2d(block_expansion, w1, kernel_size=1)
+        self.norm2 = nn.BatchNorm2d(w1)
+        self.block1 = bottleneck_stage(w1, 3)
+        self.conv3 = nn.Conv2d(w1, w2, kernel_size=1)
+        self.norm3 = nn.BatchNorm2d(w2)
+        self.block2 = ResBottleneck(w2, stride=2)
+        self.block3 = bottleneck_stage(w2, 3)
+        self.conv4 = nn.Conv2d(w2, w3, kernel_size=1)
+        self.norm4 = nn.BatchNorm2d(w3)
+        self.block4 = ResBottleneck(w3, stride=2)
+        self.block5 = bottleneck_stage(w3, 5)
+        self.conv5 = nn.Conv2d(w3, w4, kernel_size=1)
+        self.norm5 = nn.BatchNorm2d(w4)
+        self.block6 = ResBottleneck(w4, stride=2)
+        self.block7 = bottleneck_stage(w4, 2)
+        self.fc_yaw = nn.Linear(w4, num_bins)
+        self.fc_pitch = nn.Linear(w4, num_bins)
+        self.fc_roll = nn.Linear(w4, num_bins)
+        self.fc_t = nn.Linear(w4, 3)
+        self.fc_exp = nn.Linear(w4, 3 * num_kp)
 
     def features(self, image):
-        """The pooled trunk feature, ``B x 2048``."""
+        """The pooled trunk feature, ``B x widths[-1]`` (2048)."""
         out = F.relu(self.norm1(self.conv1(image)))
         out = F.max_pool2d(out, kernel_size=3, stride=2, padding=1)
         out = self.block1(F.relu(self.norm2(self.conv2(out))))

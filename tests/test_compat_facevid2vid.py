@@ -8,10 +8,14 @@ tests/test_parity_facevid2vid.py.
 import pytest
 import torch
 
+from compat.checkpoints import as_framework_checkpoint, convert_checkpoint, detect_reference
 from compat.facevid2vid import (NETWORK_PREFIXES, VOX_256_MODEL_PARAMS, build_network,
                                 convert_facevid2vid_state, convert_network_state,
-                                generator_decoder, is_facevid2vid_checkpoint, network_arguments,
-                                network_state, rename_key)
+                                generator_decoder, infer_reference_model_params,
+                                is_facevid2vid_checkpoint, model_params_from_reference,
+                                network_arguments, network_state, rename_key)
+from config import validate
+from modules.registry import build_model, model_schema
 from facevid2vid_golden import load_golden, load_json, tiny_arguments, tiny_model_params
 
 DTYPES = {"float32": torch.float32, "int64": torch.int64}
@@ -53,7 +57,8 @@ def test_full_size_checkpoint_converts_onto_our_networks(generator):
 
 def test_full_size_discriminator_converts():
     converted = convert_facevid2vid_state(manifest_checkpoint(discriminator=True))
-    assert "discriminator.discriminators.0.head.weight_orig" in converted          # hook layout
+    # the hook layout, where the facevid2vid model keeps its discriminator
+    assert "adversarial.discriminator.discriminators.0.head.weight_orig" in converted
 
 
 def test_discriminator_can_be_left_out():
@@ -135,3 +140,84 @@ def test_network_arguments_mirror_the_reference_config():
     assert arguments["generator"]["decoder"] == "spade"
     assert arguments["generator"]["dense_motion_params"]["compress"] == 4
     assert arguments["discriminator"]["use_spectral_norm"] is True
+
+
+# ----------------------------------------------------------------------------- compat/checkpoints
+def test_settings_read_off_the_shapes_are_the_configs():
+    """The full-size layout gives vox-256.yaml's model_params, the tiny golden weights the tiny
+    config's (the head-pose estimator's widths read off its 1x1 convolutions)."""
+    inferred = infer_reference_model_params(manifest_checkpoint(discriminator=True))
+    expected = {**VOX_256_MODEL_PARAMS, "he_estimator_params": {
+        "block_expansion": 64, "num_bins": 66, "widths": [256, 512, 1024, 2048]}}
+    inferred["discriminator_params"]["scales"] = [int(s) for s in
+                                                  inferred["discriminator_params"]["scales"]]
+    assert inferred == expected
+    weights = load_golden("weights")
+    tiny = infer_reference_model_params({"kp_detector": weights["kp_detector"],
+                                         "generator": weights["generator"],
+                                         "he_estimator": manifest_state("he_estimator")})
+    reference = tiny_model_params()
+    for section in ("kp_detector_params", "generator_params"):
+        assert tiny[section] == reference[section], section
+    assert tiny["common_params"] == reference["common_params"]
+
+
+def test_released_checkpoint_converts_into_the_facevid2vid_model():
+    """detect -> convert (settings read off the shapes) -> the model's own state layout, both
+    generator classes; the converted file then needs no conversion."""
+    for generator in ("generator", "generator_spade"):
+        reference = manifest_checkpoint(generator, discriminator=True)
+        assert detect_reference(reference) == "facevid2vid"
+        converted = convert_checkpoint(reference)
+        assert converted["model"] == "facevid2vid"
+        params = converted["model_params"]
+        assert params["generator_params"]["decoder"] == ("spade" if generator.endswith("spade")
+                                                         else "original")
+        vox = dict(VOX_256_MODEL_PARAMS, he_estimator_params={
+            "block_expansion": 64, "num_bins": 66, "widths": [256, 512, 1024, 2048]})
+        assert params == model_params_from_reference(vox, params["generator_params"]["decoder"])
+        expected = sum(len(reference[name]) for name in
+                       ("kp_detector", "he_estimator", "generator", "discriminator"))
+        assert len(converted["state_dict"]) == expected
+        assert as_framework_checkpoint(converted) is converted
+
+
+def test_tiny_reference_checkpoint_restores_the_golden_numbers():
+    """The tiny golden weights converted (settings read off the shapes) into a facevid2vid model:
+    its canonical keypoints are the golden ones."""
+    weights = load_golden("weights")
+    he_estimator = dict(manifest_state("he_estimator"))
+    he_estimator.update({"fc_exp.weight": torch.zeros(15, 2048), "fc_exp.bias": torch.zeros(15)})
+    reference = {"kp_detector": weights["kp_detector"], "generator": weights["generator"],
+                 "discriminator": weights["discriminator"], "he_estimator": he_estimator}
+    converted = as_framework_checkpoint(reference)
+    config = validate({"model": "facevid2vid", "model_params": converted["model_params"]},
+                      model_schema, model_check=False)
+    model = build_model(config, converted)
+    io = load_golden("io")
+    with torch.no_grad():
+        value = model.kp_detector(io["inputs"]["source"])["value"]
+    torch.testing.assert_close(value, io["kp_detector"]["source"]["value"], atol=1e-5, rtol=0)
+
+
+def test_convert_tool_writes_a_facevid2vid_checkpoint_and_config(tmp_path, capsys):
+    """python -m tools.convert_checkpoint on a face-vid2vid file: the written config and
+    checkpoint build the model with the golden weights (the path docs/mmfa.md describes)."""
+    import yaml
+
+    from tools import convert_checkpoint as cli
+    weights = load_golden("weights")
+    he_estimator = dict(manifest_state("he_estimator"))
+    he_estimator.update({"fc_exp.weight": torch.zeros(15, 2048), "fc_exp.bias": torch.zeros(15)})
+    source = tmp_path / "00000099-checkpoint.pth.tar"
+    torch.save({"kp_detector": weights["kp_detector"], "generator": weights["generator"],
+                "discriminator": weights["discriminator"], "he_estimator": he_estimator,
+                "epoch": 99}, source)
+    target, written = tmp_path / "converted.pth", tmp_path / "converted.yaml"
+    cli.main([str(source), str(target), "--write-config", str(written)])
+    assert "facevid2vid checkpoint ->" in capsys.readouterr().out
+    config = yaml.safe_load(written.read_text())
+    assert config["model"] == "facevid2vid"
+    model = build_model(validate(config, model_schema), str(target))
+    torch.testing.assert_close(model.generator.decoder.final.weight,
+                               weights["generator"]["final.weight"])
