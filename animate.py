@@ -121,8 +121,10 @@ class DrivingVideo:
         return len(self.reader)
 
     def states(self, model, batch_size, device):
+        smoother = model.driving_smoother(self.fps)   # one per pass over the video, if any
         for chunk in batched(iter(self.reader), batch_size):
-            yield model.encode_driving(frames_to_batch(chunk, device))
+            state = model.encode_driving(frames_to_batch(chunk, device))
+            yield smoother(state) if smoother else state
 
     def reference_state(self, model, index, device):
         return model.encode_driving(frames_to_batch([self.reader[index]], device))

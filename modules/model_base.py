@@ -151,6 +151,11 @@ class AnimationModel(nn.Module):
         raise NotImplementedError(f"model {self.name!r} has no editable head pose or expression "
                                   "(models driven by 3DMM codes or 3D keypoints have)")
 
+    def driving_smoother(self, fps):
+        """A fresh stateful ``state -> state`` filter over one driving video's states in frame
+        order (e.g. One-Euro on fitted codes), or None: no smoothing (the default)."""
+        return None
+
     def pose_descriptor(self, state):
         """B x D tensor whose distance picks the reference frame closest to the source."""
         raise NotImplementedError(f"model {self.name!r} does not animate")

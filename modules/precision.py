@@ -202,6 +202,18 @@ def networks(module):
     return found
 
 
+def to_channels_last(model):
+    """4D parameters and buffers (2D convolutions) in channels-last layout, 5D ones (the 3D
+    convolutions of facevid2vid and MMFA) in channels-last-3d; same Parameter objects."""
+    layouts = {4: torch.channels_last, 5: torch.channels_last_3d}
+    for module in model.modules():
+        for tensors in (module._parameters, module._buffers):
+            for tensor in tensors.values():
+                if tensor is not None and tensor.dim() in layouts:
+                    tensor.data = tensor.data.contiguous(memory_format=layouts[tensor.dim()])
+    return model
+
+
 def prepare_model(model, settings):
     """Apply the layout and compile switches to ``model`` in place; returns it.
 
@@ -211,7 +223,7 @@ def prepare_model(model, settings):
     the state-dict keys do not change.
     """
     if settings.channels_last:
-        model.to(memory_format=torch.channels_last)
+        to_channels_last(model)
     if settings.compile:
         for network in networks(model):
             network.compile(**dict(settings.compile_options))

