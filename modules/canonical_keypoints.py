@@ -13,6 +13,7 @@ from torch import nn
 from modules.blocks import DownBlock2d, level_channels
 from modules.blocks_3d import UpBlock3d
 from modules.coords import make_coordinate_grid_3d
+from modules.precision import full_precision
 from modules.util import AntiAliasDownsample
 
 
@@ -82,6 +83,7 @@ class CanonicalKeypointDetector(nn.Module):
         self.down = AntiAliasDownsample(scale_factor, channels=image_channel) \
             if scale_factor != 1 else None
 
+    @full_precision   # softmax at a low temperature and coordinates (modules/precision.py)
     def heatmaps(self, features):
         """Spatial softmax of the head's logits at ``temperature``: ``B x K x D x H x W``."""
         logits = self.kp(features)
@@ -89,6 +91,7 @@ class CanonicalKeypointDetector(nn.Module):
         return weights.view(logits.shape)
 
     @staticmethod
+    @full_precision
     def heatmap_means(heatmaps):
         """Expected normalized (x, y, z) coordinate under each heatmap: ``B x K x 3``."""
         grid = make_coordinate_grid_3d(*heatmaps.shape[-3:], dtype=heatmaps.dtype,

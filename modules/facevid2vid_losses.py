@@ -14,12 +14,14 @@ import torch
 
 from modules.hopenet import hopenet_input
 from modules.keypoints_3d import ANGLE_NAMES, bins_to_degrees
+from modules.precision import full_precision
 
 DISTANCE_THRESHOLD = 0.1   # D_t
 DEPTH_TARGET = 0.33        # z_t
 PAIRWISE_EPS = 1e-6        # F.pairwise_distance's default eps, added to the differences
 
 
+@full_precision   # squared distances against a 0.1 threshold: 16-bit rounding is ~1e-3 each
 def keypoint_prior_loss(kp_value, distance_threshold=DISTANCE_THRESHOLD, depth_target=DEPTH_TARGET,
                         eps=PAIRWISE_EPS):
     """L_P of keypoints ``B x K x 3`` (a scalar)."""

@@ -38,6 +38,7 @@ from torch import nn
 
 from flame.codes import FaceCodes
 from modules.renderer import Renderer, screen_vertices, weak_perspective
+from modules.precision import full_precision
 
 GUIDANCE_KINDS = ("geom_disp", "neural_codes", "both", "nmfc")
 DISPLACEMENT_CHANNELS = 2
@@ -164,6 +165,8 @@ class GuidanceRenderer(nn.Module):
         vertices, _ = self.posed(codes)
         return self.render(vertices, codes.cam, self.surface_attributes(vertices.shape[0]))
 
+    # float32 under autocast (modules/precision.py): 3DMM vertices, projection, rasterization
+    @full_precision
     def encoder_input(self, source_codes):
         """The source-rendered codes (or NMFC) the generator's encoder takes with the source image,
         or None for ``geom_disp``; it depends on the source alone (cached at inference)."""
@@ -171,6 +174,8 @@ class GuidanceRenderer(nn.Module):
             return None
         return self.surface_maps(source_codes)[0]
 
+    # float32 under autocast (modules/precision.py): 3DMM vertices, projection, rasterization
+    @full_precision
     def forward(self, source_codes: FaceCodes, driving_codes: FaceCodes, render_source=True):
         """The maps of a source/driving pair; ``render_source=False`` skips the encoder input
         (``encoder_input`` is then None: the caller has it from :meth:`encoder_input`)."""

@@ -22,6 +22,8 @@ Points are normalized (x, y, z) as everywhere in the framework (``modules/coords
 import torch
 import torch.nn.functional as F
 
+from modules.precision import full_precision
+
 REFERENCE_PI = 3.14     # the reference converts degrees to radians with 3.14, not math.pi
 BIN_DEGREES = 3.0       # width of a head-pose bin
 FIRST_BIN_DEGREES = -99.0
@@ -29,6 +31,7 @@ ANGLE_NAMES = ("yaw", "pitch", "roll")
 EXPRESSION_FRAMES = ("posed", "canonical")
 
 
+@full_precision   # a softmax expectation over 66 bins: 16-bit logits move it by degrees
 def bins_to_degrees(logits):
     """Expected angle in degrees under the softmax of ``B x num_bins`` bin logits: ``B``."""
     probabilities = F.softmax(logits, dim=1)
@@ -74,6 +77,7 @@ def rotation_matrix(yaw, pitch, roll, pi=REFERENCE_PI):
     return about_x @ about_y @ about_z
 
 
+@full_precision   # keypoint coordinates (modules/precision.py)
 def transform_keypoints(kp_canonical, rotation, translation, expression, scale=None,
                         expression_frame="posed"):
     """Posed keypoints from canonical ones.

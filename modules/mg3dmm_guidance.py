@@ -34,6 +34,7 @@ from torch import nn
 from flame.codes import FaceCodes
 from modules.coords import make_coordinate_grid, sample
 from modules.face_maps import render_face_region
+from modules.precision import full_precision
 from modules.renderer import screen_vertices
 from modules.shading import ShadedFace, reenactment_codes
 
@@ -84,6 +85,8 @@ class MultipleGuidance(nn.Module):
         """v_t = (alpha_s, beta_d, delta_s, gamma_s, p_d)."""
         return reenactment_codes(source_codes, driving_codes)
 
+    # float32 under autocast (modules/precision.py): 3DMM vertices, projection, rasterization
+    @full_precision
     def source_geometry(self, source_codes: FaceCodes):
         """The source mesh rasterized once: ``{'screen': B x V x 3`` projected vertices P(V_s) and
         their depths, ``'depth': B x 1 x H x W`` z-buffer (larger = nearer), ``'mask'``}."""
@@ -92,6 +95,8 @@ class MultipleGuidance(nn.Module):
         depth = self.renderer.interpolate(fragments, screen[..., 2:3])
         return {"screen": screen, "depth": depth, "mask": fragments.mask}
 
+    # float32 under autocast (modules/precision.py): 3DMM vertices, projection, rasterization
+    @full_precision
     def forward(self, target_codes: FaceCodes, source_geometry):
         vertices = self.face_model(target_codes).vertices
         colour, _, shading = self.shaded.vertex_colours(target_codes, vertices)

@@ -42,6 +42,8 @@ import torch
 from torch import nn
 from pytorch3d.renderer.mesh.rasterize_meshes import rasterize_meshes
 
+from modules.precision import full_precision
+
 
 # PyTorch3D keeps a pixel only if its centre is strictly inside a face; a centre exactly on an edge
 # shared by two faces would then belong to neither (a pinhole). A tiny blur radius (a squared NDC
@@ -160,6 +162,7 @@ class Renderer(nn.Module):
     # Not compiled (torch.compile runs it eagerly): the face per pixel comes from PyTorch3D's C++
     # rasterizer, and the covered pixels' count, which sets the shapes below, from the data.
     @torch.compiler.disable
+    @full_precision   # PyTorch3D's rasterizer takes float32; vertices need it anyway
     def rasterize(self, screen, image_size=None):
         """screen: B x V x 3 (x, y normalized, depth larger = closer) -> :class:`Fragments`.
 

@@ -140,8 +140,7 @@ class MMFAExpressionVAE(AnimationModel):
         weights = self.loss_weights
         losses = {"kl": weights["kl"] * kl_divergence(out["mu"], out["logvar"]),
                   "reconstruction": weights["reconstruction"]
-                  # float32 difference: a small error is lost in 16-bit rounding
-                  * (out["reconstruction"].float() - feature.float()).pow(2).mean()}
+                  * (out["reconstruction"] - feature.float()).pow(2).mean()}
         losses.update(self.adversarial.generator_losses(out["reconstruction"], feature))
         return losses, dict(out, feature=feature)
 
