@@ -43,9 +43,9 @@ DRIVING_SIGNALS = ("frames", "landmarks", "codes")
 # what makes each sidecar kind, for the config check's message
 SIDECAR_TOOLS = {
     "landmarks": ("68-landmark sidecars (<video>.landmarks.npy)", "load_landmarks",
-                  "python -m tools.extract_landmarks DATASET_ROOT"),
+                  "python -m tools.extract_landmarks --input DATASET_ROOT"),
     "flame": ("3DMM code sidecars (<video>.flame.npz)", "load_flame",
-              "python -m tools.fit_3dmm --checkpoint TDMM_CHECKPOINT DATASET_ROOT"),
+              "python -m tools.fit_3dmm --checkpoint TDMM_CHECKPOINT --input DATASET_ROOT"),
     "parsing": ("face-parsing sidecars (<video>.parsing.npy, T x H x W uint8)", "load_parsing",
                 "a face parser, its labels converted to the ids of modules/face_parsing.py"),
 }

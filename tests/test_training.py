@@ -134,6 +134,9 @@ def test_ddp_two_processes_match_one_process_gradients(tiny_dataset):
         torch.testing.assert_close(distributed[name], grad, rtol=1e-7, atol=1e-9, msg=name)
 
 
+# ~25 s: slow; the default run keeps DDP (test_ddp_two_processes_match_one_process_gradients)
+# and exact resumption (test_resume_continues_exactly) in one process each
+@pytest.mark.slow
 def test_run_py_two_cpu_processes_train_and_resume(tiny_dataset, tmp_path):
     """`run.py --device_ids 0,1` without CUDA spawns 2 gloo processes; rank 0 alone writes the
     run folder; re-running the named run resumes from its checkpoint."""

@@ -1,4 +1,4 @@
-"""Convert a released FOMM or SAFA checkpoint to this framework's checkpoint format.
+"""Convert a released FOMM, SAFA or face-vid2vid checkpoint to this framework's checkpoint format.
 
     python -m tools.convert_checkpoint vox-cpk.pth.tar fomm-vox.pth
     python -m tools.convert_checkpoint vox-cpk.pth.tar fomm-vox.pth --config config/vox-256.yaml \\

@@ -3,7 +3,8 @@ own: FAN-style stacked hourglass heatmaps, DSNT coordinates, the regression loss
 registration loss (SBR) on consecutive video frames.
 
     python run.py --config wflw-landmarks.yaml --mode train          # stage 1: WFLW stills
-    python run.py --config vox-landmarks.yaml --mode train --checkpoint STAGE1.pth   # stage 2
+    python run.py --config vox-landmarks.yaml --mode train --run_name vox-landmarks \
+        --checkpoint STAGE1.pth                                      # stage 2: videos
 
 The paper trains on WFLW until convergence, then fine-tunes on videos "augmenting the regression
 loss with the registration loss". Both stages are this model; the data decides what applies:
