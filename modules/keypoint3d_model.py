@@ -153,18 +153,12 @@ class Keypoint3dModel(AnimationModel):
 
     # ---------------------------------------------------------------- training
     def optimizer_groups(self):
-        groups = {name: list(module.parameters()) for name, module in self.trained_networks()}
-        if self.adversarial.enabled:
-            groups["discriminator"] = list(self.adversarial.parameters())
-        return groups
+        return self.adversarial.with_discriminator(
+            {name: list(module.parameters()) for name, module in self.trained_networks()})
 
     def trained_networks(self):
         """``(optimizer group, module)`` pairs of the generator side."""
         return [("generator", self.generator), ("kp_detector", self.kp_detector)]
-
-    @property
-    def discriminator_groups(self):
-        return ("discriminator",) if self.adversarial.enabled else ()
 
     def equivariance_transform(self, driving):
         """The random warp T of the equivariance loss (affine + thin plate spline, as FOMM)."""

@@ -63,15 +63,9 @@ class KeypointModel(AnimationModel):
 
     # ---------------------------------------------------------------- training
     def optimizer_groups(self):
-        groups = {"generator": list(self.generator.parameters()),
-                  "kp_detector": list(self.kp_detector.parameters())}
-        if self.adversarial.enabled:  # without GAN losses the discriminator is never trained
-            groups["discriminator"] = list(self.adversarial.parameters())
-        return groups
-
-    @property
-    def discriminator_groups(self):
-        return ("discriminator",) if self.adversarial.enabled else ()
+        return self.adversarial.with_discriminator({
+            "generator": list(self.generator.parameters()),
+            "kp_detector": list(self.kp_detector.parameters())})
 
     def image_losses(self, batch, generated):
         """Perceptual pyramid, GAN and feature matching of the prediction, and equivariance of

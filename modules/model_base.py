@@ -58,7 +58,12 @@ class AnimationModel(nn.Module):
     tiny_config = None
     animates = True
     driving_signal = "frames"
-    discriminator_groups = ()   # optimizer groups stepped with the discriminator losses
+    @property
+    def discriminator_groups(self):
+        """Optimizer groups stepped with the discriminator losses: those of the model's
+        ``adversarial`` objective (:class:`modules.objectives.AdversarialObjective`), if any."""
+        adversarial = getattr(self, "adversarial", None)
+        return adversarial.group_names if adversarial is not None else ()
 
     def __init__(self, config):
         super().__init__()

@@ -274,6 +274,18 @@ class AdversarialObjective(nn.Module):
     def enabled(self):
         return self.generator_weight != 0
 
+    def with_discriminator(self, groups):
+        """A model's ``{group: [parameters]}`` plus the 'discriminator' group when active
+        (without GAN losses the discriminator is never trained)."""
+        if self.enabled:
+            groups["discriminator"] = list(self.parameters())
+        return groups
+
+    @property
+    def group_names(self):
+        """The optimizer groups the discriminator step updates: ('discriminator',) or ()."""
+        return ("discriminator",) if self.enabled else ()
+
     @staticmethod
     def _detached(condition):
         if isinstance(condition, dict):

@@ -123,14 +123,7 @@ class MMFAExpressionVAE(AnimationModel):
 
     # ---------------------------------------------------------------- training
     def optimizer_groups(self):
-        groups = {"vae": list(self.vae.parameters())}
-        if self.adversarial.enabled:
-            groups["discriminator"] = list(self.adversarial.parameters())
-        return groups
-
-    @property
-    def discriminator_groups(self):
-        return ("discriminator",) if self.adversarial.enabled else ()
+        return self.adversarial.with_discriminator({"vae": list(self.vae.parameters())})
 
     def generator_step(self, batch):
         frames = torch.cat([batch["source"], batch["driving"]])

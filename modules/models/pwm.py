@@ -224,15 +224,8 @@ class PWM(AnimationModel):
     # ---------------------------------------------------------------- training
     def optimizer_groups(self):
         # the per-vertex neural codes E are learned with the network (section 3.2)
-        groups = {"generator": list(self.generator.parameters())
-                  + list(self.guidance.parameters())}
-        if self.adversarial.enabled:
-            groups["discriminator"] = list(self.adversarial.parameters())
-        return groups
-
-    @property
-    def discriminator_groups(self):
-        return ("discriminator",) if self.adversarial.enabled else ()
+        return self.adversarial.with_discriminator({
+            "generator": list(self.generator.parameters()) + list(self.guidance.parameters())})
 
     def batch_codes(self, batch):
         for key in ("source_codes", "driving_codes"):

@@ -128,15 +128,9 @@ class SparseToDense(AnimationModel):
         super().check_config(config)
 
     def optimizer_groups(self):
-        groups = {"motion": list(self.dense_motion.parameters()),
-                  "generator": list(self.generator.parameters())}
-        if self.adversarial.enabled:
-            groups["discriminator"] = list(self.adversarial.parameters())
-        return groups
-
-    @property
-    def discriminator_groups(self):
-        return ("discriminator",) if self.adversarial.enabled else ()
+        return self.adversarial.with_discriminator({
+            "motion": list(self.dense_motion.parameters()),
+            "generator": list(self.generator.parameters())})
 
     # ---------------------------------------------------------------- landmarks
     def layout(self, landmarks, what):
