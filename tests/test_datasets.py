@@ -94,8 +94,8 @@ def test_missing_corrupt_empty_and_short(tmp_path):
         dataset[0]
 
 
-@pytest.mark.parametrize("shape, note", [((20, 24), "gray"), ((20, 24, 4), "rgba"),
-                                         ((31, 17, 3), "odd")])
+@pytest.mark.parametrize("shape, note", [((20, 24), "gray"), ((20, 24, 2), "graya"),
+                                         ((20, 24, 4), "rgba"), ((31, 17, 3), "odd")])
 def test_grayscale_rgba_odd_sizes_converted_or_refused(tmp_path, shape, note):
     import imageio.v2 as imageio
     rng = np.random.RandomState(0)

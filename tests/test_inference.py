@@ -110,7 +110,10 @@ def test_animate_bad_inputs(tiny, tmp_path):
     assert not [f for f in os.listdir(tmp_path) if f.endswith(".mp4") and f.startswith("tmp")]
 
 
-@pytest.mark.parametrize("channels", [1, 2, 4])
+# gray and gray+alpha conversions are tested in process (tests/test_datasets.py); the command
+# line runs once by default, with an RGBA source
+@pytest.mark.parametrize("channels", [pytest.param(1, marks=pytest.mark.slow),
+                                      pytest.param(2, marks=pytest.mark.slow), 4])
 def test_animate_cli_any_source_image(tiny, tmp_path, channels):
     config, checkpoint = tiny
     shape = (50, 41) if channels == 1 else (50, 41, channels)
