@@ -5,7 +5,7 @@ training step's time, so one can tell which of the two bounds training.
     python benchmarks/data_speed.py --size 256 --workers 8 --batch_size 32 --step_ms 180
 
 Each item is what training reads: a (source, driving) pair of two random frames of one video,
-decoded (only those two frames), resized if needed, flipped and colour-jittered with the VoxCeleb
+decoded (only those two frames), resized if needed, flipped and color-jittered with the VoxCeleb
 config's augmentation. Batches come from the training loader itself (``datasets.loader
 .make_loader``: worker processes, prefetching, pinned memory on a GPU device) with per-item seeds
 as the training sampler gives them. Without ``<root>/frames`` and ``<root>/mp4`` the script builds

@@ -64,7 +64,7 @@ def flip_flame(codes):
 
 
 def _jitter(frames, params, rng):
-    """Colour jitter (brightness, contrast, saturation, hue), one draw for the whole pair.
+    """Color jitter (brightness, contrast, saturation, hue), one draw for the whole pair.
 
     Works on channel planes (3 x H x W float32): every step is a few whole-array operations, so
     a 256 x 256 frame costs milliseconds."""
@@ -114,7 +114,7 @@ def augment_frames(frames, params, rng, landmarks=None, flame=None, parsing=None
 
     Parsing maps (``H x W`` label arrays, ``modules/face_parsing.py``) follow the time and the
     horizontal flip; their ids need no relabelling (left and right parts share an id) and the
-    colour jitter leaves them alone.
+    color jitter leaves them alone.
     """
     flip = params.get("flip_param") or {}
     annotations = {"landmarks": landmarks, "flame": flame, "parsing": parsing}

@@ -2,7 +2,7 @@
 
 Videos of random identities rendered from the open head model (``flame.open_head``) with the
 project's renderer: random face shapes, random albedo in the open head's per-vertex albedo basis
-(skin tone, cheeks, lips, brows, hair, eye colour), static procedural backgrounds, shoulders in
+(skin tone, cheeks, lips, brows, hair, eye color), static procedural backgrounds, shoulders in
 clothes, smooth random head motion (yaw up to +-45 degrees, pitch +-20, roll +-15, translation,
 scale), jaw opening, expressions, blinks and gaze, spherical-harmonics lighting (ambient plus a
 distant light, ``modules.shading``). Ground truth comes with every video, so every loss and
@@ -50,7 +50,7 @@ MANIFEST = "synthetic_manifest.json"
 DEFAULTS = {"size": 64, "train_videos": 8, "test_videos": 2, "frames": 16, "seed": 0,
             "videos_per_identity": 2, "supersample": 1, "n_shape": 100, "n_exp": 50}
 SPLIT_CODES = {"train": 1, "test": 2}
-# 3: albedo + SH light colouring with tex/light codes; 2: 74-point landmarks and parsing maps
+# 3: albedo + SH light coloring with tex/light codes; 2: 74-point landmarks and parsing maps
 SIDECAR_FORMAT = 3
 
 
@@ -75,7 +75,7 @@ def sample_light(rng):
     from modules.shading import directional_light
     direction = torch.tensor([[rng.uniform(-0.6, 0.6), rng.uniform(-0.1, 0.7), rng.uniform(0.6, 1.0)]])
     light = directional_light(direction, intensity=rng.uniform(0.45, 0.65),
-                              ambient=rng.uniform(0.3, 0.45), colour=rng.uniform(0.92, 1.08, 3))
+                              ambient=rng.uniform(0.3, 0.45), color=rng.uniform(0.92, 1.08, 3))
     return light[0].numpy().astype(np.float64)
 
 
@@ -127,7 +127,7 @@ def blink_track(rng, frames, rate=0.05):
 
 def sample_background(rng, size):
     """A static procedural background (size x size x 3, [0, 1]): gradient plus soft shapes."""
-    from flame.open_head import mix_colour
+    from flame.open_head import mix_color
     yy, xx = np.meshgrid(np.linspace(-1, 1, size), np.linspace(-1, 1, size), indexing="ij")
     c0, c1 = rng.uniform(0.1, 0.9, 3), rng.uniform(0.1, 0.9, 3)
     angle = rng.uniform(0, 2 * np.pi)
@@ -141,7 +141,7 @@ def sample_background(rng, size):
             aspect = rng.uniform(0.3, 2)
             d = np.maximum(np.abs(xx - centre[0]) / radius, np.abs(yy - centre[1]) / (radius * aspect))
         weight = smoothstep(1.0, 0.85, d) * rng.uniform(0.4, 0.9)
-        image = mix_colour(image, rng.uniform(0.05, 0.95, 3), weight)
+        image = mix_color(image, rng.uniform(0.05, 0.95, 3), weight)
     return np.clip(image, 0, 1)
 
 
@@ -193,7 +193,7 @@ class TalkingHeadRenderer:
         return tuple(np.concatenate(parts) for parts in zip(*outputs))
 
     def _render(self, identity, part, scene):
-        """The head coloured with its albedo codes and the scene's SH light (modules.shading), so
+        """The head colored with its albedo codes and the scene's SH light (modules.shading), so
         the sidecar codes (shape, exp, pose, cam, tex, light) reproduce the face."""
         from modules.renderer import screen_vertices, vertex_normals, weak_perspective
         from modules.shading import shade_vertices
@@ -204,10 +204,10 @@ class TalkingHeadRenderer:
         cam_ss = cam * torch.tensor([self.ss_scale, 1.0, 1.0])
         tex = torch.tensor(identity["tex"], dtype=torch.float32).expand(batch, -1)
         light = torch.tensor(scene["light"], dtype=torch.float32).expand(batch, -1)
-        colours = shade_vertices(self.flame.albedo(tex), vertex_normals(out.vertices, self.flame.faces),
+        colors = shade_vertices(self.flame.albedo(tex), vertex_normals(out.vertices, self.flame.faces),
                                  light)
         fragments = self.renderer.rasterize(screen_vertices(out.vertices, cam_ss))
-        head = self.renderer.interpolate(fragments, colours)
+        head = self.renderer.interpolate(fragments, colors)
         image = self._composite(head, fragments.mask, out.joints, cam_ss, identity, scene)
         parsing = self._parsing(fragments.pix_to_face)
         if self.supersample > 1:
@@ -336,7 +336,7 @@ def ensure_synthetic_dataset(root, cache_dir=None, progress=False, **params):
             found = json.load(f)
         if found.get("sidecar_format", 1) != SIDECAR_FORMAT:
             raise ValueError(f"{root} holds a synthetic dataset of an older format (sidecars or "
-                             f"colouring differ); delete it to regenerate")
+                             f"coloring differ); delete it to regenerate")
         found = found["params"]
         if found != wanted:
             diff = {k: (found.get(k), wanted[k]) for k in wanted if found.get(k) != wanted[k]}

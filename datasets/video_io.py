@@ -120,7 +120,7 @@ def _to_8_bit(frame, notes):
     return np.clip(np.round(frame), 0, 255).astype(np.uint8)
 
 
-# Pillow modes that are colour spaces other than RGB: converted by Pillow itself (CMYK JPEGs
+# Pillow modes that are color spaces other than RGB: converted by Pillow itself (CMYK JPEGs
 # written by Photoshop store inverted values, which Pillow's JPEG decoder already undoes).
 _CONVERT_TO_RGB = {"CMYK": "RGB", "YCbCr": "RGB", "LAB": "RGB", "HSV": "RGB", "1": "L",
                    "PA": "RGBA"}
@@ -128,7 +128,7 @@ _CONVERT_TO_RGB = {"CMYK": "RGB", "YCbCr": "RGB", "LAB": "RGB", "HSV": "RGB", "1
 
 def load_image_file(path):
     """An image file as an array in its own layout (H x W or H x W x 2/3/4; uint8, or uint16 for
-    16-bit images), with non-RGB colour spaces (CMYK, YCbCr, LAB, HSV, palettes) converted to RGB
+    16-bit images), with non-RGB color spaces (CMYK, YCbCr, LAB, HSV, palettes) converted to RGB
     and the EXIF orientation applied. Returns ``(array, notes)``: what was converted, in words."""
     notes = []
     try:

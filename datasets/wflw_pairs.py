@@ -12,7 +12,7 @@ A WFLW folder is recognized by its images folder ``WFLW_images/`` and its annota
 archive puts them, ``WFLW_annotations/list_98pt_rect_attr_train_test/``).
 
 Augmentation: ``augmentation_params`` as for videos (horizontal flip with the 74-point
-relabelling, colour jitter; one draw for both faces; a time flip swaps the two).
+relabelling, color jitter; one draw for both faces; a time flip swaps the two).
 """
 import os
 

@@ -42,7 +42,7 @@ Conventions (checked on load)
   it), millimetres or metres all end up in metres, as FLAME; ``length_unit`` (metres per file
   unit) overrides it. The mean shape is centred on its vertex centroid, so the global
   rotation turns the face about its middle (as Deep3DFaceRecon does).
-* Colours: a mean texture above 1 is taken as 0..255 and divided by 255 (basis too); albedo is
+* Colors: a mean texture above 1 is taken as 0..255 and divided by 255 (basis too); albedo is
   clamped to [0, 1].
 * Axes: +X the subject's left, +Y up, +Z out of the face, as FLAME (checked: the nose tip must
   be in front of the jaw line). Triangles are made
@@ -175,7 +175,7 @@ class BFM(nn.Module):
         self.n_shape = self._size(n_shape, model["idBase"], "n_shape")
         self.n_exp = self._size(n_exp, model["exBase"], "n_exp")
         self.n_tex = self._size(n_tex, model["texBase"], "n_tex")
-        colour_scale = 255.0 if model["meantex"].max() > 1.0 else 1.0
+        color_scale = 255.0 if model["meantex"].max() > 1.0 else 1.0
         basis = lambda b, n: b[:, :n].reshape(len(mean), 3, n)  # noqa: E731  3V x n -> V x 3 x n
         shape_basis = np.concatenate([basis(model["idBase"], self.n_shape),
                                       basis(model["exBase"], self.n_exp)], -1) * unit
@@ -184,9 +184,9 @@ class BFM(nn.Module):
         # buffers come from the licensed file: never saved in checkpoints (persistent=False)
         self.register_buffer("v_template", f32(centred), persistent=False)           # V x 3
         self.register_buffer("shapedirs", f32(shape_basis), persistent=False)        # V x 3 x (id+exp)
-        self.register_buffer("albedo_mean", f32(model["meantex"].reshape(-1, 3) / colour_scale),
+        self.register_buffer("albedo_mean", f32(model["meantex"].reshape(-1, 3) / color_scale),
                              persistent=False)
-        self.register_buffer("albedo_basis", f32(basis(model["texBase"], self.n_tex) / colour_scale),
+        self.register_buffer("albedo_basis", f32(basis(model["texBase"], self.n_tex) / color_scale),
                              persistent=False)
         check_facing_the_camera(centred, np.asarray(model["keypoints"], np.int64).reshape(-1))
         faces = counter_clockwise(np.asarray(model["tri"], np.int64), centred)

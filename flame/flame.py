@@ -9,7 +9,7 @@ camera), +Y up, +Z out of the face towards the camera. Poses are axis-angle vect
 accepts SAFA's 6-d pose (global 3 + jaw 3; neck and eyes zero) or the full 15-d pose
 (global, neck, jaw, eye_l, eye_r).
 
-Appearance: ``albedo(tex)`` gives per-vertex colours when the asset folder has a per-vertex
+Appearance: ``albedo(tex)`` gives per-vertex colors when the asset folder has a per-vertex
 albedo model (``vertex_albedo.npz``; the open head has one, FLAME 2020 does not).
 
 Landmarks follow DECA: 68 iBUG points = 17 jaw-contour points chosen by the head's yaw from 79
@@ -123,7 +123,7 @@ def pad_code(codes, size, name):
 
 def linear_albedo(mean, basis, tex):
     """Per-vertex albedo ``clamp(mean + basis . tex, 0, 1)``: mean V x 3, basis V x 3 x n,
-    tex B x (<= n) (zero-padded) -> B x V x 3. Clamped so colours stay in [0, 1] (codes far
+    tex B x (<= n) (zero-padded) -> B x V x 3. Clamped so colors stay in [0, 1] (codes far
     from the mean saturate, and get no gradient there)."""
     tex = pad_code(tex.to(basis.dtype), basis.shape[-1], "tex")
     return (mean + torch.einsum("bk,vck->bvc", tex, basis)).clamp(0.0, 1.0)

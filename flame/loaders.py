@@ -423,7 +423,7 @@ def missing_albedo_error(path):
         f"{path}: no per-vertex albedo model. FLAME 2020 (generic_model.pkl) has no albedo; its "
         f"texture spaces (FLAME_texture.npz from {FLAME_REGISTRATION}, or DECA's "
         "FLAME_albedo_from_BFM.npz) are UV images, which this project does not read. Put a "
-        f"per-vertex model at that path ({ASSET_DESCRIPTIONS['albedo']}, colours in [0, 1], e.g. "
+        f"per-vertex model at that path ({ASSET_DESCRIPTIONS['albedo']}, colors in [0, 1], e.g. "
         "a UV texture space sampled at the vertex UVs), or use the open head "
         "(FLAME.open_head(), which has one) or the Basel Face Model (flame.bfm.BFM).")
 

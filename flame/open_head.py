@@ -25,10 +25,10 @@ How it is built
 * 5 joints (global, neck, jaw, eye_l, eye_r) with a sparse joint regressor over rings of vertices,
   smooth skinning weights and jaw/neck pose correctives; 68 iBUG landmarks (51 static + 79
   yaw-dependent jaw contours of 17 points, DECA's format); UV face masks without / with the eyes.
-* A per-vertex albedo model (``vertex_albedo.npz``, which FLAME itself lacks): a mean colour
+* A per-vertex albedo model (``vertex_albedo.npz``, which FLAME itself lacks): a mean color
   (skin, redder cheeks and lips, brows, hair, eyes, mouth) and 50 components of one standard
-  deviation each: skin lightness and warmth, cheek redness, lip colour, brow darkness, hair
-  lightness and redness, iris colour, beard shadow, then smooth random colour fields on the skin.
+  deviation each: skin lightness and warmth, cheek redness, lip color, brow darkness, hair
+  lightness and redness, iris color, beard shadow, then smooth random color fields on the skin.
 
 Units are metres; +X is the subject's left, +Y up, +Z out of the face.
 
@@ -786,7 +786,7 @@ class OpenHeadBuilder:
         eyes, the mouth bowl -> mouth interior, skin faces by where their centroid lies: brows
         (the band along the brow landmarks), nose, upper/lower lip (split at the slit), hair
         above :func:`hairline_theta` for ``hair_front`` (None: no hair), other skin -> skin.
-        Region edges follow where the synthetic textures change colour
+        Region edges follow where the synthetic textures change color
         (``datasets/synthetic.py``)."""
         from modules.face_parsing import PARSING_IDS as ids
         t, p = self.topo, self.params
@@ -893,16 +893,16 @@ class OpenHeadBuilder:
 
 
 # ============================================================================= albedo
-# Per-vertex albedo (diffuse colour, linear RGB in [0, 1]): a mean and a basis of V x 3 x N_TEX
-# colour offsets, one standard deviation each. Named components first, then smooth random colour
+# Per-vertex albedo (diffuse color, linear RGB in [0, 1]): a mean and a basis of V x 3 x N_TEX
+# color offsets, one standard deviation each. Named components first, then smooth random color
 # fields on the skin. Kept apart from the geometry: its own functions and its own file.
 N_TEX_FILE = 50
-SKIN_COLOUR = np.array([0.76, 0.57, 0.46])
+SKIN_COLOR = np.array([0.76, 0.57, 0.46])
 SKIN_DIRECTION = np.array([1.0, 0.8, 0.66])      # lighter / darker skin keeps its hue
-HAIR_COLOUR = np.array([0.24, 0.16, 0.10])
-SCLERA_COLOUR = np.array([0.93, 0.91, 0.88])
-IRIS_COLOUR = np.array([0.3, 0.25, 0.2])       # hazel: brown and blue eyes lie either side
-PUPIL_COLOUR = np.array([0.03, 0.03, 0.03])
+HAIR_COLOR = np.array([0.24, 0.16, 0.10])
+SCLERA_COLOR = np.array([0.93, 0.91, 0.88])
+IRIS_COLOR = np.array([0.3, 0.25, 0.2])       # hazel: brown and blue eyes lie either side
+PUPIL_COLOR = np.array([0.03, 0.03, 0.03])
 
 
 def albedo_weights(builder):
@@ -955,45 +955,45 @@ def albedo_weights(builder):
     return weights
 
 
-def mix_colour(base, colour, weight):
-    """``base`` (... x 3) blended towards ``colour`` by ``weight`` (...)."""
-    return base * (1 - weight[..., None]) + np.asarray(colour) * weight[..., None]
+def mix_color(base, color, weight):
+    """``base`` (... x 3) blended towards ``color`` by ``weight`` (...)."""
+    return base * (1 - weight[..., None]) + np.asarray(color) * weight[..., None]
 
 
 def albedo_mean(w):
     """V x 3 mean albedo: skin with redder cheeks and ears, lips, brows, hair, eyes, mouth."""
-    skin = SKIN_COLOUR
-    colour = np.tile(skin, (len(w["skin"]), 1))
-    colour = mix_colour(colour, skin * [1.02, 0.84, 0.82], 0.35 * w["cheeks"])
-    colour = mix_colour(colour, skin * [1.0, 0.8, 0.78], 0.4 * w["ears"])
-    colour = mix_colour(colour, skin * [0.9, 0.56, 0.54], w["lips"])
-    colour = mix_colour(colour, skin * [0.6, 0.35, 0.35], w["eye_corner"])
-    colour = colour * (1 - 0.12 * w["lid"] - 0.1 * w["neck"])[:, None]
-    colour = mix_colour(colour, HAIR_COLOUR * 0.8 + skin * 0.1, 0.95 * w["brow"])
-    colour = mix_colour(colour, HAIR_COLOUR, w["hair"])
-    colour = mix_colour(colour, SCLERA_COLOUR, w["sclera"])
-    colour = mix_colour(colour, IRIS_COLOUR, w["iris"])
-    colour = mix_colour(colour, PUPIL_COLOUR, w["pupil"])
+    skin = SKIN_COLOR
+    color = np.tile(skin, (len(w["skin"]), 1))
+    color = mix_color(color, skin * [1.02, 0.84, 0.82], 0.35 * w["cheeks"])
+    color = mix_color(color, skin * [1.0, 0.8, 0.78], 0.4 * w["ears"])
+    color = mix_color(color, skin * [0.9, 0.56, 0.54], w["lips"])
+    color = mix_color(color, skin * [0.6, 0.35, 0.35], w["eye_corner"])
+    color = color * (1 - 0.12 * w["lid"] - 0.1 * w["neck"])[:, None]
+    color = mix_color(color, HAIR_COLOR * 0.8 + skin * 0.1, 0.95 * w["brow"])
+    color = mix_color(color, HAIR_COLOR, w["hair"])
+    color = mix_color(color, SCLERA_COLOR, w["sclera"])
+    color = mix_color(color, IRIS_COLOR, w["iris"])
+    color = mix_color(color, PUPIL_COLOR, w["pupil"])
     mouth = np.array([0.3, 0.06, 0.07]) * (0.45 + 0.55 * w["cavity_depth"])[:, None]
-    mouth = mix_colour(mix_colour(mouth, [0.62, 0.3, 0.32], 0.8 * w["tongue"]), [0.92, 0.9, 0.82], w["teeth"])
-    return mix_colour(colour, 0, w["cavity"]) + mouth * w["cavity"][:, None]
+    mouth = mix_color(mix_color(mouth, [0.62, 0.3, 0.32], 0.8 * w["tongue"]), [0.92, 0.9, 0.82], w["teeth"])
+    return mix_color(color, 0, w["cavity"]) + mouth * w["cavity"][:, None]
 
 
 ALBEDO_COMPONENTS = (  # (name, RGB offset of one standard deviation, region weights)
     ("skin_lightness", 0.11 * SKIN_DIRECTION, lambda w: w["skin"] * (1 - 0.6 * w["brow"])),
     ("skin_warmth", 0.03 * np.array([0.3, 0.2, -1.0]), lambda w: w["skin"]),
     ("cheek_redness", 0.06 * np.array([0.2, -0.7, -0.6]), lambda w: w["cheeks"] + 0.5 * w["ears"]),
-    ("lip_colour", 0.07 * np.array([0.1, -0.8, -0.6]), lambda w: w["lips"]),
+    ("lip_color", 0.07 * np.array([0.1, -0.8, -0.6]), lambda w: w["lips"]),
     ("brow_darkness", -0.08 * np.ones(3), lambda w: w["brow"]),
     ("hair_lightness", 0.15 * np.array([1.0, 0.85, 0.6]), lambda w: w["hair"] + 0.5 * w["brow"]),
     ("hair_redness", 0.08 * np.array([1.0, 0.1, -0.5]), lambda w: w["hair"] + 0.3 * w["brow"]),
-    ("iris_colour", np.array([-0.08, 0.02, 0.12]), lambda w: w["iris"]),         # + blue, - brown
+    ("iris_color", np.array([-0.08, 0.02, 0.12]), lambda w: w["iris"]),         # + blue, - brown
     ("beard_shadow", -0.06 * np.array([1.0, 1.0, 1.1]), lambda w: w["beard"]),
 )
 
 
 def albedo_basis(builder, w, n=N_TEX_FILE, seed=SEED + 2):
-    """V x 3 x n: the named components, then smooth random colour fields on the skin (mirrored
+    """V x 3 x n: the named components, then smooth random color fields on the skin (mirrored
     pairs of blobs in (phi, theta), smaller and fainter with the index)."""
     comps = [weight_fn(w)[:, None] * np.asarray(rgb)[None] for _, rgb, weight_fn in ALBEDO_COMPONENTS]
     t = builder.topo

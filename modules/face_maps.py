@@ -2,7 +2,7 @@
 
 Given a source image S with its 3DMM codes Phi_S and the driving codes Phi_D:
 
-* A_{S,tex} = S(Proj(M(alpha_S, beta_S, theta_S), c_S))   per-vertex source colours, eq. 3
+* A_{S,tex} = S(Proj(M(alpha_S, beta_S, theta_S), c_S))   per-vertex source colors, eq. 3
   (bilinear sampling at the projected vertices, occluded ones included, as in the paper)
 * A_{S,n}, A_{D,n}   vertex normals from the neighbouring faces
 * A_m = Proj(M_S, c_S) - Proj(M_D, c_D)                    per-vertex motion, eq. 4
@@ -31,7 +31,7 @@ from modules.renderer import Fragments, Renderer, screen_vertices, vertex_normal
 
 
 def sample_at_points(image, points):
-    """Bilinear colours B x N x C of ``image`` (B x C x H x W) at normalized points B x N x 2."""
+    """Bilinear colors B x N x C of ``image`` (B x C x H x W) at normalized points B x N x 2."""
     sampled = F.grid_sample(image, points[:, :, None, :].to(image.dtype), mode="bilinear",
                             padding_mode="border", align_corners=ALIGN_CORNERS)
     return sampled[..., 0].permute(0, 2, 1)

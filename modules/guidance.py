@@ -21,10 +21,10 @@ kind                encoder input (with the source)      decoder guidance (SPADE
   ``nn.Parameter`` V x d, d = 16 in the paper), rasterized on the source and on the driving mesh;
   gradients reach the codes through the interpolation.
 - NMFC (normalized mean-face coordinates, the Table 1 baseline row): each vertex's position on
-  the mean face (zero shape, expression and pose) scaled to [0, 1] per axis, used as its colour
+  the mean face (zero shape, expression and pose) scaled to [0, 1] per axis, used as its color
   and rendered on the posed mesh. The paper gives the baseline only as a row of Table 1; we feed
   it exactly where the neural codes go (source render to the encoder, driving render to the
-  decoder), the fixed-colour counterpart of the learned codes.
+  decoder), the fixed-color counterpart of the learned codes.
 
 Rendering uses ``modules.renderer.Renderer`` (weak perspective, z-buffer, back faces culled),
 differentiable in the vertex attributes and the vertices. The face model is called as
@@ -74,7 +74,7 @@ def mean_face(face_model):
 
 
 def normalized_coordinates(vertices):
-    """V x 3 positions scaled to [0, 1] per axis (the NMFC colours)."""
+    """V x 3 positions scaled to [0, 1] per axis (the NMFC colors)."""
     low, high = vertices.amin(0), vertices.amax(0)
     return (vertices - low) / (high - low).clamp_min(1e-12)
 
@@ -147,7 +147,7 @@ class GuidanceRenderer(nn.Module):
         return self.renderer.interpolate(fragments, attributes), fragments.mask
 
     def surface_attributes(self, batch_size):
-        """B x V x D: the neural codes or NMFC colours, None for ``geom_disp``."""
+        """B x V x D: the neural codes or NMFC colors, None for ``geom_disp``."""
         values = self.nmfc_colors if self.guidance == "nmfc" else self.vertex_codes
         if values is None:
             return None
@@ -161,7 +161,7 @@ class GuidanceRenderer(nn.Module):
                            projected_source - projected_driving)
 
     def surface_maps(self, codes):
-        """The codes' mesh rendered with the neural codes (or NMFC colours), and its mask."""
+        """The codes' mesh rendered with the neural codes (or NMFC colors), and its mask."""
         vertices, _ = self.posed(codes)
         return self.render(vertices, codes.cam, self.surface_attributes(vertices.shape[0]))
 

@@ -19,7 +19,7 @@ v_t = (alpha_s, beta_d, delta_s, gamma_s, p_d) (``modules.shading.reenactment_co
   ``depth_tolerance`` pixels), and that position must be covered by the source mesh (a point
   turned away from the camera is culled in the source, so whatever covers its position is in
   front of it, or nothing does). Outside the inner face O_c is 1 (nothing computed is occluded).
-* I_r, the rendered image: the target mesh coloured with the source albedo and lighting
+* I_r, the rendered image: the target mesh colored with the source albedo and lighting
   (albedo(delta_s) x SH shading(gamma_s) per vertex, ``modules.shading``), where the target mesh
   is visible, 0 elsewhere.
 
@@ -99,8 +99,8 @@ class MultipleGuidance(nn.Module):
     @full_precision
     def forward(self, target_codes: FaceCodes, source_geometry):
         vertices = self.face_model(target_codes).vertices
-        colour, _, shading = self.shaded.vertex_colours(target_codes, vertices)
-        attributes = torch.cat([source_geometry["screen"], colour, shading], -1)
+        color, _, shading = self.shaded.vertex_colors(target_codes, vertices)
+        attributes = torch.cat([source_geometry["screen"], color, shading], -1)
         maps, face_mask, fragments = render_face_region(
             self.renderer, vertices, target_codes.cam, attributes, self.shaded.face_uvs,
             self.shaded.uv_face_mask, self.size(), self.shaded.mask_threshold)

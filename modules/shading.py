@@ -1,12 +1,12 @@
 """Albedo and spherical-harmonics lighting of a 3DMM face, the shaded render and its photometric loss.
 
 Seed 003 renders the target face "with computed color according to the texture and illumination
-of the source face" (I_r): every vertex gets the colour albedo * shading, then the mesh is
+of the source face" (I_r): every vertex gets the color albedo * shading, then the mesh is
 rasterized (eq. 2, per-vertex attributes). Illumination is gamma in R^27: 9 spherical-harmonics
-(SH) coefficients per colour channel, the Lambertian model of Deng et al. 2019 (the face
+(SH) coefficients per color channel, the Lambertian model of Deng et al. 2019 (the face
 reconstruction network that paper uses):
 
-    colour(v) = albedo(v) * sum_b gamma_{b, c} Phi_b(n_v)            per channel c, b = 0..8
+    color(v) = albedo(v) * sum_b gamma_{b, c} Phi_b(n_v)            per channel c, b = 0..8
 
 Basis Phi_b: irradiance SH of Ramamoorthi & Hanrahan 2001 ("An efficient representation for
 irradiance environment maps"): the real SH Y_lm up to band l = 2 times the clamped-cosine
@@ -91,13 +91,13 @@ def neutral_light(batch_size, device=None, dtype=torch.float32):
     return light.reshape(batch_size, LIGHT_DIM)
 
 
-def directional_light(direction, intensity=1.0, ambient=0.0, colour=(1.0, 1.0, 1.0)):
+def directional_light(direction, intensity=1.0, ambient=0.0, color=(1.0, 1.0, 1.0)):
     """SH codes ``B x 27`` of a distant light plus an ambient term.
 
     direction: ``B x 3`` (towards the light, camera space; normalized here). The light's radiance
     projects to gamma_b = intensity * Y_b(direction), whose irradiance approximates
     ``intensity * max(0, n . direction)`` (Ramamoorthi & Hanrahan); ``ambient`` adds a constant
-    irradiance. ``colour`` (3 or ``B x 3``) scales the channels. ``intensity``/``ambient``: float
+    irradiance. ``color`` (3 or ``B x 3``) scales the channels. ``intensity``/``ambient``: float
     or ``B``.
     """
     d = direction / direction.norm(dim=-1, keepdim=True).clamp_min(1e-12)
@@ -108,12 +108,12 @@ def directional_light(direction, intensity=1.0, ambient=0.0, colour=(1.0, 1.0, 1
     as_batch = lambda v: torch.as_tensor(v, dtype=d.dtype, device=d.device).reshape(-1, 1)  # noqa: E731
     gamma = as_batch(intensity) * radiance
     gamma[:, 0] = gamma[:, 0] + as_batch(ambient)[:, 0] / k["c0"]
-    rgb = torch.as_tensor(colour, dtype=d.dtype, device=d.device).reshape(-1, 1, 3)
+    rgb = torch.as_tensor(color, dtype=d.dtype, device=d.device).reshape(-1, 1, 3)
     return (gamma[:, :, None] * rgb).reshape(d.shape[0], LIGHT_DIM)
 
 
 def shade_vertices(albedo, normals, light):
-    """Per-vertex colours albedo * shading: albedo and normals ``B x V x 3``, light ``B x 27``."""
+    """Per-vertex colors albedo * shading: albedo and normals ``B x V x 3``, light ``B x 27``."""
     return albedo * sh_shading(normals, light)
 
 
@@ -145,7 +145,7 @@ class ShadedFace(nn.Module):
     ``geometry_gradients``: with True (default) gradients of the render reach the geometry
     (shape, expression, pose, camera) through the rasterized positions (barycentric coordinates)
     as well as through the normals' shading; with False the pixel coverage is a constant and only
-    the colours (albedo, light, normals) carry gradients. PyTorch3D's CPU backward of the
+    the colors (albedo, light, normals) carry gradients. PyTorch3D's CPU backward of the
     rasterization costs about three forwards, so CPU pretraining runs may turn it off.
     """
 
@@ -161,8 +161,8 @@ class ShadedFace(nn.Module):
         mask = getattr(face_model, "uv_face_mask", None) if self.face_uvs is not None else None
         self.register_buffer("uv_face_mask", mask, persistent=False)
 
-    def vertex_colours(self, codes, vertices):
-        """(colour, albedo, shading), each ``B x V x 3``, for posed ``vertices``."""
+    def vertex_colors(self, codes, vertices):
+        """(color, albedo, shading), each ``B x V x 3``, for posed ``vertices``."""
         if codes.light is None:
             raise ValueError("the codes carry no light: set FaceCodes.light (B x 27 SH "
                              "coefficients), e.g. modules.shading.neutral_light(batch_size)")
@@ -173,13 +173,13 @@ class ShadedFace(nn.Module):
 
     def forward(self, codes: FaceCodes, image_size=None):
         out = self.face_model(codes)
-        colour, albedo, shading = self.vertex_colours(codes, out.vertices)
+        color, albedo, shading = self.vertex_colors(codes, out.vertices)
         size = self.image_size if image_size is None else image_size
         vertices, cam = out.vertices, codes.cam
-        if not self.geometry_gradients:                  # coverage fixed; colours differentiable
+        if not self.geometry_gradients:                  # coverage fixed; colors differentiable
             vertices, cam = vertices.detach(), cam.detach()
         maps, face_mask, fragments = render_face_region(
-            self.renderer, vertices, cam, torch.cat([colour, albedo, shading], -1),
+            self.renderer, vertices, cam, torch.cat([color, albedo, shading], -1),
             self.face_uvs, self.uv_face_mask, size, self.mask_threshold)
         return {"image": maps[:, 0:3], "albedo": maps[:, 3:6], "shading": maps[:, 6:9],
                 "face_mask": face_mask, "mask": fragments.mask, "vertices": out.vertices,
@@ -212,9 +212,9 @@ def texture_regularization(codes):
     return (codes.tex ** 2).sum(1).mean()
 
 
-def light_colour_regularization(codes):
+def light_color_regularization(codes):
     """Squared deviation of each SH coefficient from its mean over R, G, B (sum over the 27,
-    batch mean): favours white light, so colour goes to the albedo rather than to the light."""
+    batch mean): favours white light, so color goes to the albedo rather than to the light."""
     if codes.light is None:
         raise ValueError("the codes carry no light (FaceCodes.light)")
     bands = light_bands(codes.light)
@@ -224,24 +224,24 @@ def light_colour_regularization(codes):
 APPEARANCE_LOSS_WEIGHTS = {
     # Our choices for the 3DMM pretraining, next to SAFA's landmark + shape/expression terms (eq.
     # 18): no paper gives weights for this combination. The photometric weight is Deng et al.'s
-    # (1.92); the texture weight is a tenth of SAFA's lambda_alpha (1e-2), so colour is explained
-    # by the image before the prior; the light-colour weight only breaks the albedo / light-tint
+    # (1.92); the texture weight is a tenth of SAFA's lambda_alpha (1e-2), so color is explained
+    # by the image before the prior; the light-color weight only breaks the albedo / light-tint
     # ambiguity. On a synthetic frame fitted from the mean codes, these bring the photometric
     # loss from 0.41 to 0.05 in 150 Adam steps while the landmark + regularization term falls
     # from 22 to 1.6.
     "photometric": 1.92,
     "texture_regularization": 1.0e-3,
-    "light_colour_regularization": 1.0e-1,
+    "light_color_regularization": 1.0e-1,
 }
 
 
 def appearance_loss(rendered, image, face_mask, codes, weights=APPEARANCE_LOSS_WEIGHTS,
                     pixel_weights=None):
-    """Weighted sum of the photometric loss and the texture / light-colour regularizers; returns
+    """Weighted sum of the photometric loss and the texture / light-color regularizers; returns
     ``(total, {term: value})`` (no texture term for codes without ``tex``). Add it to the
     landmark + code regularization loss of the encoder's pretraining."""
     terms = {"photometric": photometric_loss(rendered, image, face_mask, pixel_weights),
-             "light_colour_regularization": light_colour_regularization(codes)}
+             "light_color_regularization": light_color_regularization(codes)}
     if codes.tex is not None:               # an encoder may regress light without albedo codes
         terms["texture_regularization"] = texture_regularization(codes)
     total = sum(weights[name] * value for name, value in terms.items())
@@ -250,5 +250,5 @@ def appearance_loss(rendered, image, face_mask, codes, weights=APPEARANCE_LOSS_W
 
 __all__ = ["SH_CONSTANTS", "LIGHT_DIM", "sh_basis", "light_bands", "sh_shading", "neutral_light",
            "directional_light", "shade_vertices", "reenactment_codes", "ShadedFace",
-           "photometric_loss", "texture_regularization", "light_colour_regularization",
+           "photometric_loss", "texture_regularization", "light_color_regularization",
            "APPEARANCE_LOSS_WEIGHTS", "appearance_loss"]

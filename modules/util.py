@@ -391,13 +391,13 @@ def hue_to_rgb(hue):
 
 
 def distinct_colors(count, dtype=torch.float32, device=None):
-    """``count x 3`` RGB colours with evenly spaced hues (full saturation and value)."""
+    """``count x 3`` RGB colors with evenly spaced hues (full saturation and value)."""
     hues = torch.arange(count, dtype=torch.float64) / max(count, 1)
     return hue_to_rgb(hues).to(dtype=dtype, device=device)
 
 
 def draw_keypoints(images, kp_value, radius=None):
-    """Copies of ``images`` (B x 3 x H x W) with a coloured disk at each keypoint (B x K x 2)."""
+    """Copies of ``images`` (B x 3 x H x W) with a colored disk at each keypoint (B x K x 2)."""
     batch, _, height, width = images.shape
     radius = radius if radius is not None else max(1.0, min(height, width) / 64)
     grid = make_coordinate_grid(height, width, dtype=images.dtype, device=images.device)
@@ -413,7 +413,7 @@ def draw_keypoints(images, kp_value, radius=None):
 
 
 def colorize_masks(masks, size=None):
-    """Soft masks ``B x N x h x w`` as one RGB image: channel 0 (background) black, others coloured."""
+    """Soft masks ``B x N x h x w`` as one RGB image: channel 0 (background) black, others colored."""
     colors = distinct_colors(masks.shape[1] - 1, dtype=masks.dtype, device=masks.device)
     colors = torch.cat([colors.new_zeros(1, 3), colors])                   # N x 3
     image = torch.einsum("bnhw,nc->bchw", masks.detach(), colors)

@@ -11,9 +11,9 @@ def moving_square_frames(num_frames=6, size=32, channels=3, seed=0):
     """Frames of a bright square moving over a textured background (uint8, T x H x W x C)."""
     rng = np.random.RandomState(seed)
     ramp = np.linspace(0, 1, size)
-    colour = rng.uniform(20, 90, size=channels)
+    color = rng.uniform(20, 90, size=channels)
     # smooth background, so lossy codecs keep it close to the original
-    background = (colour * (0.5 + 0.5 * np.add.outer(ramp, ramp)[..., None] / 2)).astype(np.uint8)
+    background = (color * (0.5 + 0.5 * np.add.outer(ramp, ramp)[..., None] / 2)).astype(np.uint8)
     frames = []
     for t in range(num_frames):
         frame = background.copy()

@@ -36,12 +36,12 @@ def tiny_bfm_arrays(seed=0, clockwise=False, unit_scale=1.0):
     keypoints = rng.choice(interior, 68, replace=False)
     keypoints[30], keypoints[0], keypoints[16] = centre, left, right    # nose tip, jaw ends
     n3 = mean.size
-    colour = np.stack([0.8 + 0.1 * u, 0.6 + 0.05 * v, 0.5 * np.ones_like(u)], -1).reshape(-1, 3)
+    color = np.stack([0.8 + 0.1 * u, 0.6 + 0.05 * v, 0.5 * np.ones_like(u)], -1).reshape(-1, 3)
     return {
         "meanshape": (mean * unit_scale).reshape(1, -1),                  # x y z interleaved
         "idBase": rng.normal(0, 0.01, (n3, N_ID)) * unit_scale,
         "exBase": rng.normal(0, 0.01, (n3, N_EXP)) * unit_scale,
-        "meantex": (255 * colour).reshape(1, -1),
+        "meantex": (255 * color).reshape(1, -1),
         "texBase": rng.normal(0, 4.0, (n3, N_TEX)),
         "tri": (tri + 1).astype(np.float64),                              # 1-based, as MATLAB
         "keypoints": (keypoints + 1).astype(np.float64).reshape(1, -1),

@@ -6,8 +6,7 @@ import pytest
 import torch
 
 from conftest import moving_square_frames, write_video
-from datasets.augmentation import (LANDMARK_FLIP, augment_pair, flip_flame, flip_landmarks,
-                                   shift_hue)
+from datasets.augmentation import LANDMARK_FLIP, augment_pair, flip_flame, shift_hue
 from datasets.frames_dataset import (DatasetRepeater, FramesDataset, PairedDataset, identity_of,
                                      split_videos)
 from datasets.video_io import VideoReader, VideoReadError, copy_audio, has_audio, read_image
@@ -184,7 +183,7 @@ def test_flip_permutation_is_an_involution_mapping_sides():
 
 
 def test_horizontal_flip_keeps_landmarks_on_their_pixels():
-    """Colour under each landmark is the same before and after a flip, and labels swap sides."""
+    """Color under each landmark is the same before and after a flip, and labels swap sides."""
     rng = np.random.RandomState(0)
     frame = rng.randint(0, 255, size=(24, 30, 3)).astype(np.uint8)
     points = np.stack([rng.randint(0, 30, 68), rng.randint(0, 24, 68)], axis=1).astype(np.float32)
@@ -219,7 +218,7 @@ def test_hue_shift_matches_scikit_image_hsv():
 
 
 def float_hsv_jitter(frames, params, rng):
-    """Reference colour jitter: the same draws, float throughout, hue by scikit-image's HSV."""
+    """Reference color jitter: the same draws, float throughout, hue by scikit-image's HSV."""
     from skimage.color import hsv2rgb, rgb2hsv
     factors = [1.0 + rng.uniform(-params[k], params[k]) for k in ("brightness", "contrast",
                                                                     "saturation")]
@@ -235,7 +234,7 @@ def float_hsv_jitter(frames, params, rng):
     return out
 
 
-def test_colour_jitter_outcomes_match_the_float_hsv_reference():
+def test_color_jitter_outcomes_match_the_float_hsv_reference():
     """Same seed, same factors (the rng is left where the reference leaves it) and the same
     pixels up to a rounding tie; so the same statistics over many draws."""
     from skimage import data as skdata

@@ -6,7 +6,6 @@ into our ``facevid2vid`` model; its ``generator_step`` and ``discriminator_step`
 with the recorded equivariance transform replayed, must give the golden float64 losses to rtol
 1e-9 (the float32 golden carries about 1e-3 relative noise from the 2048-channel estimator).
 """
-import copy
 
 import pytest
 import torch

@@ -337,7 +337,7 @@ def test_open_head_albedo_paints_the_right_places(flame, head_dir):
     assert stored["basis"].shape == (flame.num_vertices, 3, N_TEX_FILE) and flame.n_tex == N_TEX_FILE
     assert stored["names"][:len(ALBEDO_COMPONENTS)] == [name for name, _, _ in ALBEDO_COMPONENTS]
     lm = _neutral(flame).landmarks[0]
-    at = lambda colours, idx: colours[_nearest_vertices(flame, lm[idx])]  # noqa: E731
+    at = lambda colors, idx: colors[_nearest_vertices(flame, lm[idx])]  # noqa: E731
     names = [name for name, _, _ in ALBEDO_COMPONENTS]
     mean = flame.albedo(torch.zeros(1, N_TEX_FILE))[0]
     nose, lips, brows = list(range(27, 36)), list(range(48, 60)), list(range(17, 27))
@@ -347,8 +347,8 @@ def test_open_head_albedo_paints_the_right_places(flame, head_dir):
     eyes = torch.zeros(flame.num_vertices, dtype=torch.bool)
     for start, stop in Topology().eye_ranges:
         eyes[start:stop] = True
-    for name, region, unaffected in (("skin_lightness", nose, None), ("lip_colour", lips, nose),
-                                     ("iris_colour", None, nose + lips + brows)):
+    for name, region, unaffected in (("skin_lightness", nose, None), ("lip_color", lips, nose),
+                                     ("iris_color", None, nose + lips + brows)):
         tex = torch.zeros(1, N_TEX_FILE)
         tex[0, names.index(name)] = 1.0
         change = (flame.albedo(tex)[0] - mean).abs().sum(-1)
@@ -356,7 +356,7 @@ def test_open_head_albedo_paints_the_right_places(flame, head_dir):
             assert change[_nearest_vertices(flame, lm[region])].mean() > 0.04, name
         if unaffected is not None:
             assert change[_nearest_vertices(flame, lm[unaffected])].max() < 1e-6, name
-        if name == "iris_colour":
+        if name == "iris_color":
             assert change[eyes].max() > 0.1 and change[~eyes].max() < 1e-6
         if name == "skin_lightness":
             assert change[eyes].max() < 1e-6

@@ -27,7 +27,7 @@ def random_keypoints(batch=2, num_kp=NUM_KP, jacobian=True):
 
 
 def blob_images(centers, colors, size):
-    """Smooth test images: a coloured gaussian blob on grey, one per (center, colour)."""
+    """Smooth test images: a colored gaussian blob on grey, one per (center, color)."""
     grid = make_coordinate_grid(size, size)
     images = []
     for (cx, cy), color in zip(centers, colors):

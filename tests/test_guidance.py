@@ -92,7 +92,7 @@ def test_back_face_culling_hides_the_far_side(flame):
     assert (culled.pix_to_face[back_pixels] != fragments.pix_to_face[back_pixels]).all()
 
 
-def test_nmfc_of_the_mean_face_is_the_identity_colour_map(flame):
+def test_nmfc_of_the_mean_face_is_the_identity_color_map(flame):
     """Frontal mean face, camera (s, 0, 0): the pixel at normalized (x, y) shows the surface point
     X = x / s, Y = -y / s, so red and green are linear ramps of the pixel position and blue
     peaks at the nose tip."""

@@ -386,7 +386,7 @@ def _toy_suite(metrics, **backends):
                              encoder_name="toy")
 
 
-def _colour_features(images):
+def _color_features(images):
     """A cheap stand-in feature network (channel means and spreads) for the FID bookkeeping."""
     return torch.cat([images.mean(dim=(2, 3)), images.std(dim=(2, 3))], dim=1)
 
@@ -396,12 +396,12 @@ def test_evaluate_batches_perfect_reconstruction_and_skips(empty_hub):
     frames = torch.rand(8, 3, 32, 32, generator=g)  # 8 samples: more than the 6-d features
     suite = _toy_suite(("l1", "psnr", "ssim", "ms_ssim", "lpips", "fid", "aed", "apd"),
                        fid=("pytorch-fid",), lpips=("alex",))
-    suite.backends["fid"].append(("colour", Backend("fid", "colour", _colour_features)))
+    suite.backends["fid"].append(("color", Backend("fid", "color", _color_features)))
     video = [(frames[:3], frames[:3], frames[:1]), (frames[3:], frames[3:], frames[:1])]
     result = evaluate_batches([("v0", video)], "reconstruction", suite)
     assert result.columns["L1"] == 0 and result.columns["SSIM"] == pytest.approx(1.0)
     assert result.columns["AED (toy)"] == 0 and result.columns["APD (toy)"] == 0
-    assert result.columns["FID (colour)"] == pytest.approx(0.0, abs=1e-6)
+    assert result.columns["FID (color)"] == pytest.approx(0.0, abs=1e-6)
     assert math.isnan(result.columns["PSNR"]) and result.details["PSNR excluded rate"] == 1.0
     assert "161 pixels" in result.skipped["MS-SSIM"]
     assert "alexnet-owt" in result.skipped["LPIPS (alex)"]
@@ -409,7 +409,7 @@ def test_evaluate_batches_perfect_reconstruction_and_skips(empty_hub):
     assert result.details["frames"] == 8 and result.details["videos"] == 1
     darker = [(g * 0.5, r, s) for g, r, s in video]
     worse = evaluate_batches([("v0", darker)], "reconstruction", suite)
-    assert worse.columns["FID (colour)"] > 0.01 and worse.columns["L1"] > 0.1
+    assert worse.columns["FID (color)"] > 0.01 and worse.columns["L1"] > 0.1
     no_encoder = evaluate_batches([("v0", video)], "reconstruction",
                                   MetricSuite.build(metrics=("aed",)))
     assert "no 3DMM encoder" in no_encoder.skipped["AED (3dmm)"]

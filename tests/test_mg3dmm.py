@@ -267,7 +267,7 @@ def test_appearance_pretraining_adds_the_photometric_and_regularization_terms(ro
     model = build_model(config, training=True)
     losses, generated = model.generator_step(batch_of(config))
     assert {"tdmm_photometric", "tdmm_texture_regularization",
-            "tdmm_light_colour_regularization", "tdmm_landmark"} <= set(losses)
+            "tdmm_light_color_regularization", "tdmm_landmark"} <= set(losses)
     sum(losses.values()).backward()
     head = model.encoder.head.weight.grad                    # rows: 159 geometry, 50 tex, 27 light
     assert head[159:159 + 50].abs().sum() > 0 and head[209:].abs().sum() > 0

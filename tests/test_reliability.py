@@ -10,7 +10,6 @@ import math
 import os
 import pickle
 
-import imageio.v2 as imageio
 import numpy as np
 import pytest
 import torch
@@ -141,7 +140,7 @@ def test_changed_hyperparameter_warns_and_changed_shape_names_the_key(tiny_datas
 
 
 # --------------------------------------------------------------------------- images
-def test_cmyk_jpeg_reads_as_its_colours(tmp_path):
+def test_cmyk_jpeg_reads_as_its_colors(tmp_path):
     """A CMYK JPEG is converted as CMYK (was: taken for RGBA and composited to near white)."""
     rgb = np.zeros((24, 24, 3), np.uint8)
     rgb[:, :12] = (200, 60, 30)

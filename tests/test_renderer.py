@@ -79,12 +79,12 @@ def test_rendering_is_differentiable_and_batched(flame):
     codes = FaceCodes.zeros(2, scale=8.0)
     codes.pose[1, 1] = 0.4
     verts = flame(codes).vertices.detach().requires_grad_(True)
-    colours = torch.rand(2, flame.num_vertices, 3, requires_grad=True)
+    colors = torch.rand(2, flame.num_vertices, 3, requires_grad=True)
     renderer = Renderer(flame.faces, image_size=(24, 32))
-    out = renderer(verts, codes.cam, vertex_attributes=colours)
+    out = renderer(verts, codes.cam, vertex_attributes=colors)
     assert out["image"].shape == (2, 3, 24, 32) and not torch.equal(out["mask"][0], out["mask"][1])
     (out["image"] * torch.rand_like(out["image"])).sum().backward()
-    assert verts.grad.abs().sum() > 0 and colours.grad.abs().sum() > 0
+    assert verts.grad.abs().sum() > 0 and colors.grad.abs().sum() > 0
 
 
 class PyTorch3DGradientRenderer(Renderer):

@@ -8,7 +8,7 @@ import torch
 from flame import FLAME, FaceCodes
 from modules.face_maps import FaceMaps
 from modules.shading import (LIGHT_DIM, SH_CONSTANTS, ShadedFace, appearance_loss,
-                             directional_light, light_colour_regularization, neutral_light,
+                             directional_light, light_color_regularization, neutral_light,
                              photometric_loss, reenactment_codes, sh_basis, sh_shading)
 
 SIZE = 32
@@ -74,15 +74,15 @@ def test_light_codes_must_hold_27_values():
 # ----------------------------------------------------------------------------- the shaded render
 def test_ambient_only_light_reproduces_albedo_times_a_constant(shaded):
     codes = appearance_codes(2, seed=2)
-    colour = torch.tensor([0.9, 0.7, 0.5])
+    color = torch.tensor([0.9, 0.7, 0.5])
     ambient = directional_light(torch.tensor([[0.0, 0.0, 1.0]] * 2), intensity=0.0, ambient=0.8,
-                                colour=colour)
+                                color=color)
     out = shaded(codes.replace(light=ambient))
     mask = out["mask"]
     assert mask.sum() > 200
-    expected = out["albedo"] * (0.8 * colour)[None, :, None, None]
+    expected = out["albedo"] * (0.8 * color)[None, :, None, None]
     assert torch.allclose(out["image"], expected, atol=1e-5)
-    assert torch.allclose(out["shading"] * mask, (0.8 * colour)[None, :, None, None] * mask, atol=1e-4)
+    assert torch.allclose(out["shading"] * mask, (0.8 * color)[None, :, None, None] * mask, atol=1e-4)
     # the neutral light is the albedo itself
     assert torch.allclose(shaded(codes.replace(light=neutral_light(2)))["image"], out["albedo"],
                           atol=1e-5)
@@ -164,10 +164,10 @@ def test_photometric_loss_is_the_masked_mean_of_per_pixel_l2_norms():
 
 def test_regularizers_and_appearance_loss():
     codes = FaceCodes.zeros(2, n_tex=4).replace(light=neutral_light(2))
-    assert light_colour_regularization(codes).item() == pytest.approx(0.0, abs=1e-12)
+    assert light_color_regularization(codes).item() == pytest.approx(0.0, abs=1e-12)
     tinted = codes.light.clone().view(2, 9, 3)
     tinted[:, 1] = torch.tensor([1.0, 0.0, 0.0])           # deviations 2/3, -1/3, -1/3
-    assert light_colour_regularization(codes.replace(light=tinted)).item() == pytest.approx(2 / 3)
+    assert light_color_regularization(codes.replace(light=tinted)).item() == pytest.approx(2 / 3)
     image = torch.rand(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
     total, terms = appearance_loss(image, image, torch.ones(2, 1, 4, 4),
                                    codes.replace(tex=torch.ones(2, 4)))
@@ -210,5 +210,5 @@ def test_first_render_of_a_fresh_encoder_is_the_mean_albedo(flame, shaded):
     out = shaded(codes)
     assert torch.allclose(out["image"], out["albedo"], atol=1e-5)
     mean = flame.albedo(torch.zeros(1, flame.n_tex))
-    assert torch.allclose(shaded.vertex_colours(codes, flame(codes).vertices)[1], mean)
+    assert torch.allclose(shaded.vertex_colors(codes, flame(codes).vertices)[1], mean)
     assert math.isclose(float(codes.cam[0, 0].detach()), 7.0)

@@ -133,7 +133,7 @@ def test_interrupted_generation_leaves_nothing(tmp_path, monkeypatch):
 
 def _landmark_hits(renderer, identity, motion, scene):
     """Head coverage at the rounded landmark pixels (exact, and within one pixel) and whether
-    the frame colour there differs from the background."""
+    the frame color there differs from the background."""
     frames, landmarks, head_mask, _ = renderer.render_clip(identity, motion, scene)
     size = renderer.size
     background = torch.tensor(scene["background"]).permute(2, 0, 1)[None]
@@ -143,8 +143,8 @@ def _landmark_hits(renderer, identity, motion, scene):
     on_head = head_mask[t, px[..., 1], px[..., 0]]
     near = F.max_pool2d(torch.tensor(head_mask)[:, None], 3, 1, 1)[:, 0].numpy()
     near_head = near[t, px[..., 1], px[..., 0]]
-    colour = frames[t, px[..., 1], px[..., 0]] / 255.0
-    differs = np.abs(colour - background[px[..., 1], px[..., 0]]).max(-1) > 0.04
+    color = frames[t, px[..., 1], px[..., 0]] / 255.0
+    differs = np.abs(color - background[px[..., 1], px[..., 0]]).max(-1) > 0.04
     return on_head, near_head, differs
 
 

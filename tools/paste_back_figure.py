@@ -27,11 +27,11 @@ from datasets.synthetic_photos import drifting_clip, portrait_photo  # noqa: E40
 from datasets.video_io import VideoWriter, resize_frame  # noqa: E402
 
 
-def outline(frame, crop, colour=(255, 220, 0), width=2):
+def outline(frame, crop, color=(255, 220, 0), width=2):
     """A copy of ``frame`` with the square ``crop = (left, top, side)`` drawn on it."""
     image = Image.fromarray(frame)
     left, top, side = (int(v) for v in crop)
-    ImageDraw.Draw(image).rectangle([left, top, left + side - 1, top + side - 1], outline=colour,
+    ImageDraw.Draw(image).rectangle([left, top, left + side - 1, top + side - 1], outline=color,
                                     width=width)
     return np.asarray(image)
 

@@ -80,7 +80,7 @@ def check_codes(codes, face_model, what):
 
 def guidance_colors(maps, channels):
     """The first 3 of ``channels`` (B x C x H x W slice) of a guidance map scaled to [0, 1] per
-    image, for the visual grid (neural codes have no natural colour)."""
+    image, for the visual grid (neural codes have no natural color)."""
     values = maps[:, channels][:, :3].detach()
     if values.shape[1] < 3:
         values = torch.cat([values, values[:, :1].expand(-1, 3 - values.shape[1], -1, -1)], 1)
@@ -310,8 +310,8 @@ class PWM(AnimationModel):
 
     @torch.no_grad()
     def visuals(self, batch, generated):
-        """Source, driving, prediction, the guidance (displacement as a flow colour, codes or NMFC
-        as colours), the driving face mask and the source warped by every level's flow."""
+        """Source, driving, prediction, the guidance (displacement as a flow color, codes or NMFC
+        as colors), the driving face mask and the source warped by every level's flow."""
         size = batch["source"].shape[-2:]
         guidance = resize_map(generated["guidance"].detach(), size)
         columns = [("source", batch["source"]), ("driving", batch["driving"]),

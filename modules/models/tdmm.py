@@ -8,7 +8,7 @@ model. Its checkpoint then initializes SAFA's encoder (``model_params.tdmm_param
 With ``tdmm_params.n_light = 27`` (and ``n_tex`` albedo coefficients) the encoder also regresses
 seed 003's albedo delta and spherical-harmonics light gamma, pretrained as Deng et al.'s face
 reconstruction is: the face rendered with its albedo and light against the image on the face
-region (``modules.shading.photometric_loss``) plus texture and light-colour regularization
+region (``modules.shading.photometric_loss``) plus texture and light-color regularization
 (``appearance_loss``), next to the landmark and shape/expression terms
 (configs/pretrain-3dmm-albedo.yaml). Its checkpoint initializes mg3dmm's encoder.
 """
