@@ -168,9 +168,10 @@ def test_the_encoder_checkpoint_fits_codes_and_wins_over_the_stored_encoder(
     raw = fitted.encode_driving(frames_to_batch(list(driving.reader), "cpu"))["codes"]
     expected = fitted.driving_smoother(driving.fps)({"codes": raw})["codes"]
     driving.close()
-    torch.testing.assert_close(streamed.exp, expected.exp)
-    torch.testing.assert_close(streamed.pose, expected.pose)
-    assert not torch.allclose(streamed.exp, raw.exp)
+    # relative comparisons: this encoder's expression codes are tiny (~1e-10)
+    torch.testing.assert_close(streamed.exp, expected.exp, rtol=1e-4, atol=0)
+    torch.testing.assert_close(streamed.pose, expected.pose, rtol=1e-4, atol=0)
+    assert not torch.allclose(streamed.exp, raw.exp, rtol=1e-2, atol=0)
 
 
 def other_identity(codes, seed):
