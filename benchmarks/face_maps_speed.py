@@ -92,8 +92,7 @@ def bench_face_maps(flame, size, batch_size, repeats):
 
 def bench_safa_step(config_path, overrides, batch_size, warmup, repeats):
     from benchmarks.train_speed import random_batch
-    from config import load_config
-    from modules.registry import build_model
+    from modules.registry import build_model, load_config
     from train import build_optimizers, train_step
 
     config = load_config(config_path, overrides)
