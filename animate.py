@@ -389,7 +389,7 @@ def load_expression_vae(path, device="cpu"):
     return build_model(config, state, device)
 
 
-def driving_from_args(args, model, config, device="cpu"):
+def driving_from_args(args, config, device="cpu"):
     """What drives ``--mode animate`` from the command line: an edit sequence (``--edit`` /
     ``--edit_sweep``), an expression interpolation (``--interpolate_expression``), a landmark
     file (``--driving_landmarks``), or the driving video, whole or in part (``--transfer``)."""
@@ -410,10 +410,13 @@ def driving_from_args(args, model, config, device="cpu"):
     if getattr(args, "driving_landmarks", None):
         return DrivingLandmarks(args.driving_landmarks, parse_frame_size(args.landmarks_size),
                                 args.landmarks_fps, params["fps"])
-    transfer = getattr(args, "transfer", "all")
-    # a whole transfer: the path itself (animate opens it, face-cropped unless --crop none)
-    return args.driving_video if transfer == "all" else \
-        PartialMotionVideo(args.driving_video, None, transfer, params["fps"])
+    return video_driving(args.driving_video, getattr(args, "transfer", "all"), params["fps"])
+
+
+def video_driving(path, transfer="all", default_fps=25.0):
+    """A driving video as :func:`animate` takes it: the path itself for a whole transfer (animate
+    opens it, face-cropped unless ``crop='none'``), a :class:`PartialMotionVideo` otherwise."""
+    return path if transfer == "all" else PartialMotionVideo(path, None, transfer, default_fps)
 
 
 def choose_reference(driving, model, source_state, source_array, relative, best_frame,
@@ -586,7 +589,7 @@ def run_animate(args, config, run_dir, device):
                              "--driving_landmarks, --edit/--edit_sweep or --interpolate_expression "
                              "(or none of them, to animate the test set's pairs)")
         result = args.result_video or os.path.join(out_dir, "result.mp4")
-        driving = driving_from_args(args, model, config, device)
+        driving = driving_from_args(args, config, device)
         info = animate(model, args.source_image, driving, result, relative, adapt,
                        args.best_frame, find_best, device, params["batch_size"], params["fps"],
                        best_frame_by=params["best_frame_by"], **crop_options(args))
@@ -607,9 +610,8 @@ def run_animate(args, config, run_dir, device):
         source_frame = source_reader[0]
         source_reader.close()
         name = f"{video_stem(pair['source_video'])}-{video_stem(pair['driving_video'])}"
-        transfer = getattr(args, "transfer", "all")
-        driving = pair["driving_video"] if transfer == "all" else \
-            PartialMotionVideo(pair["driving_video"], None, transfer, params["fps"])
+        driving = video_driving(pair["driving_video"], getattr(args, "transfer", "all"),
+                                params["fps"])
         results.append(animate(model, source_frame, driving,
                                os.path.join(out_dir, name + params["format"]), relative, adapt,
                                args.best_frame, find_best, device, params["batch_size"],
