@@ -12,14 +12,13 @@ the baseline of doing nothing.
 Wall-clock training time per row is printed too (the budgets are equal in steps, not seconds).
 """
 import argparse
-import json
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.harness import (budget_overrides, held_out_scores, landmark_detector,  # noqa: E402
-                                markdown_table, train_row)
+                                markdown_table, save_json, train_row)
 
 ROWS = {
     "FOMM": ("tiny-fomm.yaml", []),
@@ -68,8 +67,7 @@ def main(argv=None):
         copy = scores["copy"]
         print(f"{name}: {results[name]}", flush=True)
     results["Copy source"] = dict(copy, train_seconds=0)
-    with open(os.path.join(args.out, "ablation.json"), "w", encoding="utf-8") as handle:
-        json.dump(results, handle, indent=2)
+    save_json(results, args.out, "ablation.json")
     print(f"\nheld-out reconstruction, synthetic 64x64, {args.steps} steps x batch "
           f"{args.batch_size}, seed {args.seed}\n")
     print(markdown_table(results))

@@ -12,14 +12,13 @@ wall-clock training time (budgets are equal in steps, not seconds). "Copy source
 of doing nothing. A new model gets its row by registering.
 """
 import argparse
-import json
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.harness import (budget_overrides, held_out_scores, landmark_detector,  # noqa: E402
-                                markdown_table, train_row)
+                                markdown_table, save_json, train_row)
 from modules.registry import get_model_class, registered_models  # noqa: E402
 
 
@@ -50,9 +49,7 @@ def main(argv=None):
         copy = scores["copy"]
         print(f"{name}: {rows[name]}", flush=True)
     rows["copy source"] = dict(copy, train_seconds=0)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "compare.json"), "w", encoding="utf-8") as handle:
-        json.dump(rows, handle, indent=2)
+    save_json(rows, args.out, "compare.json")
     print(f"\nheld-out reconstruction, synthetic 64x64, {args.steps} steps x batch "
           f"{args.batch_size}, seed {args.seed}; AKD by "
           f"{detector.name if detector else 'no detector (none loads)'}\n")

@@ -9,6 +9,7 @@ landmark backend that loads (modules/backends.py: FAN, dlib); the 64 px frames a
 256 px for it, and frames where it finds no face are counted in ``akd_missing``. The same numbers
 for "copy the source" are the baseline of doing nothing.
 """
+import json
 import os
 import time
 
@@ -105,6 +106,13 @@ def held_out_scores(model, config, batch_size=8, detector=None):
             row["akd_missing"] = float(np.isnan(per_frame).mean())
         result[key] = row
     return result
+
+
+def save_json(results, out_dir, name):
+    """Write a benchmark's ``results`` to ``out_dir/name`` (folders made as needed)."""
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, name), "w", encoding="utf-8") as handle:
+        json.dump(results, handle, indent=2)
 
 
 def markdown_table(rows, title_columns=("row",)):

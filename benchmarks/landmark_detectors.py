@@ -29,7 +29,6 @@ scored on the test videos driven by that detector's landmarks, the source's too
 (benchmarks/landmark_scores.py): L1, PSNR, SSIM and AKD against the ground truth.
 """
 import argparse
-import json
 import math
 import os
 import sys
@@ -39,8 +38,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from benchmarks.harness import budget_overrides, landmark_detector, markdown_table, \
-    train_row  # noqa: E402
+from benchmarks.harness import (budget_overrides, landmark_detector, markdown_table,  # noqa: E402
+                                save_json, train_row)
 from benchmarks.landmark_scores import (detection_scores, landmark_driven_scores,  # noqa: E402
                                         link_dataset, sidecar_landmarks)
 from datasets.frames_dataset import build_dataset, split_videos  # noqa: E402
@@ -144,9 +143,7 @@ def main(argv=None):
             copy = scores["copy"]
         results[name] = row
         print(f"{name}: {row}", flush=True)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "landmark_detectors.json"), "w", encoding="utf-8") as handle:
-        json.dump(results, handle, indent=2)
+    save_json(results, args.out, "landmark_detectors.json")
     print(f"\nsynthetic 64x64 test videos; detectors trained {args.detector_steps} + "
           f"{args.finetune_steps} steps, s2d {args.steps} steps x batch {args.batch_size}, seed "
           f"{args.seed}; AKD by {akd_detector.name if akd_detector else 'none'}\n")

@@ -19,7 +19,6 @@ from the shared frozen 3DMM encoder). Wall-clock training time per row is printe
 are equal in steps, not seconds).
 """
 import argparse
-import json
 import math
 import os
 import sys
@@ -27,7 +26,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.harness import (budget_overrides, held_out_scores, landmark_detector,  # noqa: E402
-                                markdown_table, train_row)
+                                markdown_table, save_json, train_row)
 from evaluation.cli import test_videos  # noqa: E402
 from evaluation.protocols import evaluate, model_animator  # noqa: E402
 
@@ -103,11 +102,9 @@ def main(argv=None):
         copy = scores["copy"]
         print(f"{name}: {results[name]}\n  cross: {cross[name][0]}", flush=True)
     results["Copy source"] = dict(copy, train_seconds=0)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "mg3dmm_ablation.json"), "w", encoding="utf-8") as handle:
-        json.dump({"reconstruction": results,
-                   "cross": {k: {"metrics": v, "skipped": s} for k, (v, s) in cross.items()}},
-                  handle, indent=2)
+    save_json({"reconstruction": results,
+               "cross": {k: {"metrics": v, "skipped": s} for k, (v, s) in cross.items()}},
+              args.out, "mg3dmm_ablation.json")
     print(f"\nheld-out reconstruction, synthetic 64x64, {args.steps} steps x batch "
           f"{args.batch_size}, seed {args.seed}, 3DMM encoder pretrained {args.pretrain_steps} "
           f"steps; AKD by {detector.name if detector else 'no detector (none loads)'}\n")

@@ -22,7 +22,6 @@ Scores, on the held-out synthetic videos:
 """
 import argparse
 import itertools
-import json
 import os
 import sys
 
@@ -33,7 +32,8 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.harness import (DETECTOR_SIZE, budget_overrides,  # noqa: E402
-                                held_out_scores, landmark_detector, markdown_table, train_row)
+                                held_out_scores, landmark_detector, markdown_table, save_json,
+                                train_row)
 from datasets.frames_dataset import build_dataset, collate_items, identity_of  # noqa: E402
 from datasets.frames_dataset import image_to_tensor  # noqa: E402
 from modules.backends import Backend, first_available  # noqa: E402
@@ -210,8 +210,7 @@ def main(argv=None):
         results[name]["train_seconds"] = seconds
         print(f"{name}: {results[name]}", flush=True)
     results["Copy source"] = dict(copy, train_seconds=0)
-    with open(os.path.join(args.out, "mmfa_ablation.json"), "w", encoding="utf-8") as handle:
-        json.dump(results, handle, indent=2)
+    save_json(results, args.out, "mmfa_ablation.json")
     print(f"\nsynthetic 64x64, {args.steps} steps x batch {args.batch_size}, seed {args.seed}; "
           f"AKD by {detector.name if detector else 'no detector'}, identity by "
           f"{'dlib' if identity else 'no identity network'}\n")

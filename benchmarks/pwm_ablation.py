@@ -32,7 +32,6 @@ a coarse check that no row drifts towards the driver's identity (the "driving fr
 distance of the driver itself to the source), not as CSIM.
 """
 import argparse
-import json
 import os
 import sys
 
@@ -44,7 +43,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.ablation import pretrain_tdmm  # noqa: E402
 from benchmarks.harness import (DETECTOR_SIZE, budget_overrides, held_out_scores,  # noqa: E402
-                                landmark_detector, markdown_table, train_row)
+                                landmark_detector, markdown_table, save_json, train_row)
 from datasets.frames_dataset import (build_dataset, identity_of, image_to_tensor,  # noqa: E402
                                      load_sidecars)
 from modules.backends import Backend, first_available  # noqa: E402
@@ -174,9 +173,7 @@ def main(argv=None):
         results["Driving frame (cross)"] = dict(
             {key: float("nan") for key in ("l1", "psnr", "ssim", "akd", "akd_missing")},
             train_seconds=0, **driver)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "pwm_ablation.json"), "w", encoding="utf-8") as handle:
-        json.dump(results, handle, indent=2)
+    save_json(results, args.out, "pwm_ablation.json")
     print(f"\nheld-out synthetic 64x64, {args.steps} steps x batch {args.batch_size}, seed "
           f"{args.seed}, 3DMM encoder pretrained {args.pretrain_steps} steps; AKD by "
           f"{detector.name if detector else 'no detector'}, ID distance by "

@@ -13,14 +13,13 @@ driven by the ground-truth landmarks, which the source's landmarks come from too
 ground truth), training time; "Copy source" is the baseline of doing nothing.
 """
 import argparse
-import json
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.harness import budget_overrides, landmark_detector, markdown_table, \
-    train_row  # noqa: E402
+from benchmarks.harness import (budget_overrides, landmark_detector, markdown_table,  # noqa: E402
+                                save_json, train_row)
 from benchmarks.landmark_scores import landmark_driven_scores  # noqa: E402
 
 TABLE_4 = ["model_params.num_landmarks=74", "model_params.s2d_params.use_motion_input=false"]
@@ -55,9 +54,7 @@ def main(argv=None):
         copy = scores["copy"]
         print(f"{name}: {results[name]}", flush=True)
     results["Copy source"] = dict(copy, train_seconds=0)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "s2d_ablation.json"), "w", encoding="utf-8") as handle:
-        json.dump(results, handle, indent=2)
+    save_json(results, args.out, "s2d_ablation.json")
     print(f"\nheld-out reconstruction driven by ground-truth landmarks, synthetic 64x64, "
           f"{args.steps} steps x batch {args.batch_size}, seed {args.seed}; AKD by "
           f"{detector.name if detector else 'no detector (none loads)'}\n")
